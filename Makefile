@@ -1,0 +1,55 @@
+# loraflow: `make demo` and `make test` work on a fresh clone (they install first when needed).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+SAM_VENV := .venv-sam
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SAM_STAMP := $(SAM_VENV)/.installed
+# Offline tools (cfn-lint, sam validate --lint) still want a region and credentials to exist.
+export AWS_DEFAULT_REGION ?= us-east-1
+export AWS_ACCESS_KEY_ID ?= testing
+export AWS_SECRET_ACCESS_KEY ?= testing
+
+.PHONY: install lint test test-unit test-integration demo bench local-up clean
+
+install: $(STAMP) $(SAM_STAMP)
+
+# The project venv. torch==2.13.0 resolves to the CPU wheel on local disk.
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[dev]'
+	touch $@
+
+# SAM CLI pins click==8.1.8, which diffusers' huggingface-hub (click>=8.4.2) cannot share: own venv.
+$(SAM_STAMP): requirements/sam-cli.txt
+	test -x $(SAM_VENV)/bin/python || $(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/pip install -q --disable-pip-version-check -r requirements/sam-cli.txt
+	touch $@
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy layers/shared functions containers localcloud
+	$(BIN)/cfn-lint template.yaml
+	$(SAM_VENV)/bin/sam validate --lint --template-file template.yaml
+
+test-unit: install
+	$(BIN)/pytest -q tests/unit
+
+test-integration: install
+	$(BIN)/pytest -q tests/integration
+
+test: lint
+	$(BIN)/pytest -q tests
+
+demo: install
+	$(BIN)/loraflow demo --output demo-output
+
+bench: install
+	$(BIN)/python -m bench --output bench/results.json
+
+local-up: install
+	$(BIN)/loraflow local up --state-dir .localcloud
+
+clean:
+	rm -rf $(VENV) $(SAM_VENV) .localcloud demo-output .aws-sam .pytest_cache .mypy_cache .ruff_cache
