@@ -1,0 +1,247 @@
+"""The kohya dataset layout: what each file of an uploaded dataset is, and what its folders mean.
+
+A dataset is ``<dataset>/`` holding one kohya ``*.toml`` config at its root and subset folders
+``<repeats>_<trigger>[ <class>]/`` (e.g. ``60_dwjz``, ``20_zqxj dog``) with images and captions
+directly inside. Paths here are relative to the dataset root and use ``/``.
+"""
+
+import posixpath
+import re
+from collections.abc import Iterable, Sequence
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+from loraflow_shared.errors import ErrorCode, LoraflowError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+# Order is precedence: when an image has both, the ``.txt`` caption is used.
+CAPTION_EXTENSIONS = (".txt", ".caption")
+CONFIG_EXTENSION = ".toml"
+FOLDER_FORM = "<repeats>_<trigger>[ <class>] (e.g. '60_dwjz' or '20_zqxj dog')"
+MAX_PREVIEW_PROMPTS = 8
+PROMPT_TEMPLATES = (
+    "a photo of {subject}",
+    "{subject}, portrait, high quality",
+    "{subject} in a sunny garden, detailed",
+    "a painting of {subject}",
+)
+_JUNK_FOLDERS = frozenset({"__MACOSX"})  # macOS zip residue
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class FileKind(StrEnum):
+    CONFIG = "config"
+    IMAGE = "image"
+    CAPTION = "caption"
+    UNEXPECTED = "unexpected"
+
+
+class Subset(BaseModel):
+    """A subset folder: its images are seen ``repeats`` times per epoch."""
+
+    folder: str
+    repeats: int
+    trigger: str
+    class_name: str | None = None
+
+    @property
+    def default_caption(self) -> str:
+        """Caption for images without a caption file (kohya's folder-name caption)."""
+        return f"{self.trigger} {self.class_name}" if self.class_name else self.trigger
+
+
+def parse_subset_folder(name: str, max_repeats: int = 1000) -> Subset:
+    """Parse ``<repeats>_<trigger>[ <class>]``; raises BAD_FOLDER_NAME saying what is wrong."""
+
+    def bad(reason: str) -> LoraflowError:
+        return LoraflowError(
+            ErrorCode.BAD_FOLDER_NAME, f"folder {name!r} {reason}; expected {FOLDER_FORM}", name
+        )
+
+    repeats_text, underscore, caption = name.partition("_")
+    if not underscore:
+        raise bad("has no '_' between the repeat count and the trigger word")
+    if not re.fullmatch(r"[0-9]+", repeats_text):
+        raise bad(f"does not start with a repeat count ({repeats_text!r} is not a whole number)")
+    repeats = int(repeats_text)
+    if not 1 <= repeats <= max_repeats:
+        raise bad(f"has repeat count {repeats}, which must be between 1 and {max_repeats}")
+    if not caption or caption[0].isspace():
+        raise bad("has no trigger word after the '_'")
+    parts = caption.split(maxsplit=1)
+    trigger = parts[0]
+    class_name = parts[1].strip() if len(parts) > 1 else None
+    if class_name is None and caption != trigger:
+        raise bad("has a space after the trigger word but no class name")
+    return Subset(folder=name, repeats=repeats, trigger=trigger, class_name=class_name)
+
+
+def dataset_id(key: str) -> str:
+    """The dataset a bucket key belongs to: its top-level prefix."""
+    top, slash, _ = key.partition("/")
+    if not slash or not top:
+        raise LoraflowError(ErrorCode.UNSAFE_KEY, "object is not inside a dataset folder", key)
+    return top
+
+
+def relative_path(dataset: str, key: str) -> str:
+    """A bucket key relative to its dataset root (``ds/60_a/x.png`` -> ``60_a/x.png``)."""
+    prefix = f"{dataset}/"
+    if not key.startswith(prefix):
+        raise LoraflowError(ErrorCode.UNSAFE_KEY, f"object is outside dataset {dataset!r}", key)
+    return key[len(prefix) :]
+
+
+def check_key_safe(rel_path: str) -> None:
+    """Reject paths that could escape the dataset or confuse a filesystem when downloaded."""
+    reason = _unsafe_reason(rel_path)
+    if reason:
+        raise LoraflowError(ErrorCode.UNSAFE_KEY, f"unsafe object key {rel_path!r}: {reason}", rel_path)
+
+
+def _unsafe_reason(rel_path: str) -> str | None:
+    if not rel_path:
+        return "empty path"
+    if _CONTROL_CHARS.search(rel_path):
+        return "contains control characters"
+    if "\\" in rel_path:
+        return "contains a backslash"
+    if rel_path.startswith("/"):
+        return "starts with '/'"
+    segments = rel_path.split("/")
+    if any(segment in (".", "..") for segment in segments):
+        return "contains a '.' or '..' segment"
+    if any(not segment for segment in segments):
+        return "contains an empty segment ('//' or a trailing '/')"
+    return None
+
+
+def is_junk_segment(segment: str) -> bool:
+    """Hidden files/folders (``.DS_Store``, ``.git``) and macOS zip residue."""
+    return segment.startswith(".") or segment in _JUNK_FOLDERS
+
+
+def extension_of(rel_path: str) -> str:
+    """Lower-cased extension including the dot ("" if none)."""
+    return posixpath.splitext(rel_path)[1].lower()
+
+
+def stem_of(rel_path: str) -> str:
+    """The path without its extension: an image and its caption share it."""
+    return posixpath.splitext(rel_path)[0]
+
+
+def classify(rel_path: str) -> FileKind:
+    """What a file is, from where it sits and its extension (content is checked elsewhere)."""
+    segments = rel_path.split("/")
+    if any(is_junk_segment(segment) for segment in segments):
+        return FileKind.UNEXPECTED
+    extension = extension_of(rel_path)
+    if len(segments) == 1:
+        return FileKind.CONFIG if extension == CONFIG_EXTENSION else FileKind.UNEXPECTED
+    if len(segments) == 2:
+        if extension in IMAGE_EXTENSIONS:
+            return FileKind.IMAGE
+        if extension in CAPTION_EXTENSIONS:
+            return FileKind.CAPTION
+    return FileKind.UNEXPECTED
+
+
+def subset_folder_of(rel_path: str) -> str | None:
+    """The top-level folder a path lies in, unless it is at the root or in a junk folder."""
+    top, slash, _ = rel_path.partition("/")
+    if not slash or not top or is_junk_segment(top):
+        return None
+    return top
+
+
+class SubsetFiles(BaseModel):
+    """The files directly inside one top-level folder, with captions matched to images."""
+
+    folder: str
+    images: list[str] = Field(default_factory=list)
+    captions: dict[str, str] = Field(default_factory=dict)  # image path -> caption path used
+    orphan_captions: list[str] = Field(default_factory=list)  # no image with the same stem
+    shadowed_captions: dict[str, str] = Field(default_factory=dict)  # unused caption -> caption used
+
+    def caption_for(self, image: str) -> str | None:
+        return self.captions.get(image)
+
+
+class DatasetFiles(BaseModel):
+    """A dataset's files sorted by role; every top-level folder appears in ``folders``."""
+
+    config_files: list[str] = Field(default_factory=list)
+    folders: dict[str, SubsetFiles] = Field(default_factory=dict)
+    unexpected: list[str] = Field(default_factory=list)
+
+    @property
+    def images(self) -> list[str]:
+        """Every image directly inside a top-level folder, sorted."""
+        return sorted(image for files in self.folders.values() for image in files.images)
+
+    @property
+    def used_captions(self) -> list[str]:
+        """Every caption file matched to an image, sorted."""
+        return sorted({caption for files in self.folders.values() for caption in files.captions.values()})
+
+    @property
+    def image_count(self) -> int:
+        return sum(len(files.images) for files in self.folders.values())
+
+
+def group_files(rel_paths: Iterable[str]) -> DatasetFiles:
+    """Sort relative paths into config, subset folders (images + matched captions) and the rest.
+
+    Paths ending in ``/`` are folder markers (S3 console "Create folder"): they only register
+    their folder. Works the same on an S3 listing and on a local directory walk.
+    """
+    result = DatasetFiles()
+    captions_by_folder: dict[str, list[str]] = {}
+    for rel_path in sorted(rel_paths):
+        folder = subset_folder_of(rel_path)
+        if folder is not None and folder not in result.folders:
+            result.folders[folder] = SubsetFiles(folder=folder)
+        if rel_path.endswith("/"):
+            continue
+        kind = classify(rel_path)
+        if kind is FileKind.CONFIG:
+            result.config_files.append(rel_path)
+        elif kind is FileKind.IMAGE and folder is not None:
+            result.folders[folder].images.append(rel_path)
+        elif kind is FileKind.CAPTION and folder is not None:
+            captions_by_folder.setdefault(folder, []).append(rel_path)
+        else:
+            result.unexpected.append(rel_path)
+    for folder, captions in captions_by_folder.items():
+        _match_captions(result.folders[folder], captions)
+    return result
+
+
+def _match_captions(files: SubsetFiles, captions: Sequence[str]) -> None:
+    precedence = {extension: rank for rank, extension in enumerate(CAPTION_EXTENSIONS)}
+    best_by_stem: dict[str, str] = {}
+    for caption in sorted(captions, key=lambda path: precedence[extension_of(path)]):
+        stem = stem_of(caption)
+        if stem in best_by_stem:
+            files.shadowed_captions[caption] = best_by_stem[stem]
+        else:
+            best_by_stem[stem] = caption
+    image_stems = set()
+    for image in files.images:
+        image_stems.add(stem_of(image))
+        if stem_of(image) in best_by_stem:
+            files.captions[image] = best_by_stem[stem_of(image)]
+    files.orphan_captions = sorted(path for stem, path in best_by_stem.items() if stem not in image_stems)
+
+
+def default_preview_prompts(subsets: Sequence[Subset]) -> list[str]:
+    """A few preview prompts built from each subset's trigger and class, at most 8, no repeats."""
+    prompts: list[str] = []
+    for template in PROMPT_TEMPLATES:
+        for subset in subsets:
+            prompt = template.format(subject=subset.default_caption)
+            if prompt not in prompts:
+                prompts.append(prompt)
+    return prompts[:MAX_PREVIEW_PROMPTS]
