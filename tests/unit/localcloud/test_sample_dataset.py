@@ -1,0 +1,32 @@
+"""The demo's generated dataset must pass the same rules an upload to S3 meets."""
+
+from pathlib import Path
+
+from loraflow_shared.dataset.local import list_local_objects, local_directory_reader
+from loraflow_shared.dataset.validate import validate_dataset
+from loraflow_local.sample_dataset import SAMPLE_DATASET_ID, write_sample_dataset
+
+
+def _validate(root: Path):
+    return validate_dataset(SAMPLE_DATASET_ID, list_local_objects(root, SAMPLE_DATASET_ID), local_directory_reader(root))
+
+
+def test_given_sample_dataset_when_validated_then_accepted_with_two_subsets(tmp_path: Path) -> None:
+    write_sample_dataset(tmp_path)
+
+    report = _validate(tmp_path)
+
+    assert report.errors == []
+    assert [(s.folder, s.repeats, s.class_name) for s in report.subsets] == [("10_dwjz", 10, None), ("5_zqxj dog", 5, "dog")]
+    assert report.image_count == 9
+    assert report.ignored_keys == ["cache_latents"]
+    assert report.config is not None and report.config.max_train_steps == 30
+
+
+def test_given_sample_dataset_when_written_twice_then_identical_bytes(tmp_path: Path) -> None:
+    first = write_sample_dataset(tmp_path / "a")
+    second = write_sample_dataset(tmp_path / "b")
+
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)

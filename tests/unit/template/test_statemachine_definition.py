@@ -1,0 +1,195 @@
+"""The training pipeline ASL: JSONPath only, wired by DefinitionSubstitutions, every failure marks the job."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from loraflow_shared.contracts import ExecutionInput
+from template_helpers import ASL_SUBSTITUTION, substitute
+
+LAMBDA_INVOKE = "arn:aws:states:::lambda:invoke"
+LAMBDA_TRANSIENT_ERRORS = {
+    "Lambda.ServiceException",
+    "Lambda.AWSLambdaException",
+    "Lambda.SdkClientException",
+    "Lambda.TooManyRequestsException",
+}
+# Error names Step Functions can actually raise for these tasks (a misspelt name never matches).
+KNOWN_ERROR_NAMES = LAMBDA_TRANSIENT_ERRORS | {
+    "States.ALL",
+    "States.TaskFailed",
+    "States.Timeout",
+    "States.HeartbeatTimeout",
+    "States.Permissions",
+}
+# Paths the pipeline writes into its state (ResultPath); everything else must come from the input.
+WRITTEN_PATHS = {"training", "recorded", "previews", "error"}
+
+
+def _tasks(asl: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: state for name, state in asl["States"].items() if state["Type"] == "Task"}
+
+
+def _json_paths(node: Any) -> list[str]:
+    """Every `$.…` path referenced by a `key.$` field, including inside intrinsic functions."""
+    if isinstance(node, dict):
+        found = []
+        for key, value in node.items():
+            if key.endswith(".$") and isinstance(value, str):
+                found += re.findall(r"(?<!\$)\$\.[A-Za-z_][\w.]*", value)
+            found += _json_paths(value)
+        return found
+    if isinstance(node, list):
+        return [path for item in node for path in _json_paths(item)]
+    return []
+
+
+def _happy_path(asl: dict[str, Any]) -> list[str]:
+    path, name = [], asl["StartAt"]
+    while name is not None:
+        path.append(name)
+        name = asl["States"][name].get("Next")
+    return path
+
+
+def test_given_asl_file_when_parsed_then_json_with_jsonpath_only(asl_text: str, asl: dict[str, Any]) -> None:
+    assert asl["States"]
+    assert "JSONata" not in asl_text
+    assert "{%" not in asl_text  # JSONata expression delimiters
+    assert asl.get("QueryLanguage", "JSONPath") == "JSONPath"
+    assert all(s.get("QueryLanguage", "JSONPath") == "JSONPath" for s in asl["States"].values())
+
+
+def test_given_asl_and_template_when_substitutions_compared_then_same_names(
+    asl_text: str, transformed: dict[str, Any]
+) -> None:
+    state_machine = transformed["Resources"]["TrainingPipeline"]["Properties"]
+
+    assert set(ASL_SUBSTITUTION.findall(asl_text)) == set(state_machine["DefinitionSubstitutions"])
+
+
+def test_given_substituted_asl_when_parsed_then_valid_json_with_numeric_training_limits(
+    asl_text: str,
+) -> None:
+    values = {name: f"value-of-{name}" for name in ASL_SUBSTITUTION.findall(asl_text)}
+    values.update(TrainingVolumeSizeGB="50", MaxTrainingSeconds="14400")
+
+    definition = substitute(asl_text, values)
+    train = definition["States"]["Train"]["Parameters"]
+
+    assert train["ResourceConfig"]["VolumeSizeInGB.$"] == "States.StringToJson('50')"
+    assert train["StoppingCondition"]["MaxRuntimeInSeconds.$"] == "States.StringToJson('14400')"
+
+
+def test_given_asl_when_transitions_followed_then_every_target_exists_and_every_state_is_reachable(
+    asl: dict[str, Any],
+) -> None:
+    states = asl["States"]
+    targets = {asl["StartAt"]}
+    for state in states.values():
+        targets |= {state["Next"]} if "Next" in state else set()
+        targets |= {catcher["Next"] for catcher in state.get("Catch", [])}
+
+    assert targets == set(states)
+
+
+def test_given_asl_when_nothing_fails_then_steps_run_in_contract_order(asl: dict[str, Any]) -> None:
+    steps = _happy_path(asl)
+    actions = [
+        asl["States"][name]["Parameters"]["Payload"]["action"]
+        for name in steps
+        if asl["States"][name].get("Resource", "").startswith(LAMBDA_INVOKE)
+    ]
+
+    assert steps == ["MarkTraining", "Train", "RecordTraining", "GeneratePreviews", "Complete", "Succeeded"]
+    assert actions == ["mark_training", "record_training", "request_previews", "complete"]
+    assert asl["States"]["Succeeded"]["Type"] == "Succeed"
+
+
+def test_given_any_task_except_mark_failed_when_it_fails_then_caught_into_mark_failed(
+    asl: dict[str, Any],
+) -> None:
+    for name, state in _tasks(asl).items():
+        if name == "MarkFailed":
+            continue
+        assert state["Catch"] == [
+            {"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "MarkFailed"}
+        ], name
+
+
+def test_given_mark_failed_when_it_succeeds_or_fails_then_execution_ends_in_fail_state(
+    asl: dict[str, Any],
+) -> None:
+    mark_failed = asl["States"]["MarkFailed"]
+    failed = asl["States"][mark_failed["Next"]]
+
+    assert mark_failed["Parameters"]["Payload"] == {
+        "action": "fail",
+        "job_id.$": "$.job_id",
+        "error.$": "$.error",
+    }
+    assert [c["Next"] for c in mark_failed["Catch"]] == [mark_failed["Next"]]
+    # Its own error must not overwrite the original reason.
+    assert all(c["ResultPath"] != "$.error" for c in mark_failed["Catch"])
+    assert failed["Type"] == "Fail"
+    assert failed["Error"]
+    assert failed["Cause"]
+
+
+def test_given_lambda_tasks_when_retried_then_on_transient_lambda_errors_only(asl: dict[str, Any]) -> None:
+    for name, state in _tasks(asl).items():
+        retried = {error for retry in state.get("Retry", []) for error in retry["ErrorEquals"]}
+        if state["Resource"].startswith(LAMBDA_INVOKE):
+            assert retried == LAMBDA_TRANSIENT_ERRORS, name
+        else:
+            assert retried == set(), f"{name}: a failed training job is not retried"
+
+
+def test_given_retry_and_catch_when_error_names_listed_then_all_exist(asl: dict[str, Any]) -> None:
+    named = {
+        error
+        for state in asl["States"].values()
+        for handler in state.get("Retry", []) + state.get("Catch", [])
+        for error in handler["ErrorEquals"]
+    }
+
+    assert named <= KNOWN_ERROR_NAMES
+
+
+def test_given_asl_when_state_paths_read_then_only_execution_input_or_written_results(
+    asl: dict[str, Any],
+) -> None:
+    # Parameters read the state; ResultSelector reads the task's own result, so it is left out.
+    parameters = [state.get("Parameters", {}) for state in asl["States"].values()]
+    roots = {path.split(".")[1] for path in _json_paths(parameters)}
+
+    assert roots <= set(ExecutionInput.model_fields) | WRITTEN_PATHS
+    assert set(ExecutionInput.model_fields) - {"dataset"} <= roots
+
+
+def test_given_training_step_when_configured_then_dataset_channel_and_contract_hyperparameters(
+    asl: dict[str, Any],
+) -> None:
+    train = asl["States"]["Train"]
+    parameters = train["Parameters"]
+    (channel,) = parameters["InputDataConfig"]
+
+    assert train["Resource"] == "arn:aws:states:::sagemaker:createTrainingJob.sync"
+    assert parameters["TrainingJobName.$"] == "States.Format('loraflow-{}', $.job_id)"
+    assert channel["ChannelName"] == "dataset"
+    assert channel["DataSource"]["S3DataSource"]["S3Uri.$"] == "$.dataset_s3_uri"
+    assert set(parameters["HyperParameters"]) == {"config_file.$", "base_model.$", "job_id.$"}
+    assert train["ResultSelector"] == {
+        "training_job_name.$": "$.TrainingJobName",
+        "model_artifacts.$": "$.ModelArtifacts.S3ModelArtifacts",
+    }
+
+
+def test_given_preview_step_when_waiting_then_passes_task_token_and_times_out(asl: dict[str, Any]) -> None:
+    previews = asl["States"]["GeneratePreviews"]
+
+    assert previews["Resource"] == "arn:aws:states:::lambda:invoke.waitForTaskToken"
+    assert previews["Parameters"]["Payload"]["task_token.$"] == "$$.Task.Token"
+    assert 0 < previews["TimeoutSeconds"] <= 3600
+    assert previews["ResultPath"] == "$.previews"

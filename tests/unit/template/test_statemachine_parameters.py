@@ -1,0 +1,134 @@
+"""Each task's Parameters evaluated by a real ASL interpreter (moto's), against the state it sees on the way.
+
+moto cannot run the tasks themselves (no SageMaker .sync, Lambda needs Docker), so every task's
+Parameters is run as a Pass state: JSONPath, intrinsic functions and substituted numbers are
+evaluated exactly as Step Functions would, and the resulting payloads are checked against the contract.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from loraflow_pipeline.events import ACTION_ADAPTER
+from loraflow_shared.jobs.model import training_job_name
+from moto import mock_aws
+from template_helpers import ASL_PATH, substitute
+
+EXECUTION_INPUT = {
+    "job_id": "ds-0123abcd",
+    "dataset": "cats",
+    "dataset_s3_uri": "s3://datasets/cats/",
+    "config_file": "config.toml",
+    "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+}
+TRAINING = {
+    "training_job_name": "loraflow-ds-0123abcd",
+    "model_artifacts": "s3://artifacts/training/m.tar.gz",
+}
+RECORDED = {"lora_s3_uri": "s3://artifacts/jobs/ds-0123abcd/lora/pytorch_lora_weights.safetensors"}
+PREVIEWS = {"job_id": "ds-0123abcd", "previews": [{"prompt": "a cat", "s3_uri": "s3://artifacts/p/0.png"}]}
+ERROR = {"Error": "States.TaskFailed", "Cause": "boom"}
+
+# What each task's state holds when it runs (execution input plus the results written before it).
+STATE_SEEN_BY: dict[str, dict[str, Any]] = {
+    "MarkTraining": EXECUTION_INPUT,
+    "Train": EXECUTION_INPUT,
+    "RecordTraining": {**EXECUTION_INPUT, "training": TRAINING},
+    "GeneratePreviews": {**EXECUTION_INPUT, "training": TRAINING, "recorded": RECORDED},
+    "Complete": {**EXECUTION_INPUT, "training": TRAINING, "recorded": RECORDED, "previews": PREVIEWS},
+    "MarkFailed": {**EXECUTION_INPUT, "error": ERROR},
+}
+FUNCTION_ARN = "arn:aws:lambda:us-east-1:123456789012:function:pipeline"
+
+
+@pytest.fixture(scope="module")
+def stepfunctions() -> Iterator[Any]:
+    with mock_aws(config={"stepfunctions": {"execute_state_machine": True}}):
+        yield boto3.client(
+            "stepfunctions", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+        )
+
+
+@pytest.fixture(scope="module")
+def definition() -> dict[str, Any]:
+    values = {
+        "PipelineTasksFunctionArn": FUNCTION_ARN,
+        "TrainingImageUri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/loraflow-training:abc1234",
+        "SageMakerRoleArn": "arn:aws:iam::123456789012:role/sagemaker",
+        "ArtifactsBucket": "artifacts",
+        "TrainingInstanceType": "ml.g5.2xlarge",
+        "TrainingVolumeSizeGB": "50",
+        "MaxTrainingSeconds": "14400",
+    }
+    return substitute(ASL_PATH.read_text(encoding="utf-8"), values)
+
+
+def _evaluate(client: Any, parameters: dict[str, Any], state: dict[str, Any], name: str) -> Any:
+    # A Pass state has no task token: the context's execution name stands in for it.
+    text = json.dumps(parameters).replace('"$$.Task.Token"', '"$$.Execution.Name"')
+    machine = {"StartAt": "P", "States": {"P": {"Type": "Pass", "Parameters": json.loads(text), "End": True}}}
+    arn = client.create_state_machine(
+        name=f"eval-{name}", definition=json.dumps(machine), roleArn="arn:aws:iam::123456789012:role/sfn"
+    )["stateMachineArn"]
+    execution = client.start_execution(stateMachineArn=arn, name="token-1", input=json.dumps(state))
+    for _ in range(100):
+        described = client.describe_execution(executionArn=execution["executionArn"])
+        if described["status"] != "RUNNING":
+            break
+        time.sleep(0.02)
+    assert described["status"] == "SUCCEEDED", described
+    return json.loads(described["output"])
+
+
+@pytest.mark.parametrize(
+    ("task", "payload"),
+    [
+        ("MarkTraining", {"action": "mark_training", "job_id": "ds-0123abcd"}),
+        ("RecordTraining", {"action": "record_training", "job_id": "ds-0123abcd", **TRAINING}),
+        (
+            "GeneratePreviews",
+            {"action": "request_previews", "job_id": "ds-0123abcd", "task_token": "token-1", **RECORDED},
+        ),
+        ("Complete", {"action": "complete", "job_id": "ds-0123abcd", "previews": PREVIEWS}),
+        ("MarkFailed", {"action": "fail", "job_id": "ds-0123abcd", "error": ERROR}),
+    ],
+)
+def test_given_state_on_the_way_when_lambda_task_parameters_evaluated_then_payload_matches_contract(
+    stepfunctions: Any, definition: dict[str, Any], task: str, payload: dict[str, Any]
+) -> None:
+    parameters = definition["States"][task]["Parameters"]
+
+    evaluated = _evaluate(stepfunctions, parameters, STATE_SEEN_BY[task], task)
+
+    assert evaluated == {"FunctionName": FUNCTION_ARN, "Payload": payload}
+    # The pipeline function accepts exactly what the state machine sends.
+    assert ACTION_ADAPTER.validate_python(evaluated["Payload"]).action == payload["action"]
+
+
+def test_given_execution_input_when_training_parameters_evaluated_then_valid_create_training_job_request(
+    stepfunctions: Any, definition: dict[str, Any]
+) -> None:
+    parameters = definition["States"]["Train"]["Parameters"]
+
+    request = _evaluate(stepfunctions, parameters, STATE_SEEN_BY["Train"], "Train")
+
+    # The name the rest of loraflow derives from a job id (and the IAM policy's `loraflow-*`).
+    assert request["TrainingJobName"] == training_job_name("ds-0123abcd")
+    assert request["ResourceConfig"] == {
+        "InstanceType": "ml.g5.2xlarge",
+        "InstanceCount": 1,
+        "VolumeSizeInGB": 50,
+    }
+    assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 14400}
+    assert request["HyperParameters"] == {
+        "config_file": "config.toml",
+        "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "job_id": "ds-0123abcd",
+    }
+    assert request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://datasets/cats/"
+    assert request["OutputDataConfig"] == {"S3OutputPath": "s3://artifacts/training"}
