@@ -1,0 +1,1 @@
+"""IngestDatasetFunction: delayed S3 upload events -> settle check -> claim -> validate -> reject or queue."""

@@ -1,0 +1,1 @@
+"""JobsApiFunction: REST API over jobs (`GET /jobs`, `GET /jobs/{job_id}`)."""

@@ -1,0 +1,91 @@
+"""Lambda entry point: REST API proxy events (API Gateway enforces the API key before we run)."""
+
+from __future__ import annotations
+
+from functools import cache
+from http import HTTPStatus
+from typing import Any
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from loraflow_shared.errors import ErrorCode, LoraflowError
+from pydantic import ValidationError
+
+from loraflow_api.adapters import build_queries
+from loraflow_api.logic import JobQueries, ListJobsQuery
+from loraflow_api.settings import ApiSettings
+
+logger = Logger()
+app = APIGatewayRestResolver()
+
+# The one mapping from domain error codes to HTTP statuses; any other code is a server error.
+HTTP_STATUS_BY_CODE: dict[ErrorCode, HTTPStatus] = {
+    ErrorCode.BAD_REQUEST: HTTPStatus.BAD_REQUEST,
+    ErrorCode.JOB_NOT_FOUND: HTTPStatus.NOT_FOUND,
+}
+
+
+@cache
+def default_queries() -> JobQueries:
+    """Built on the first invocation (cold start) from the environment, then reused."""
+    return build_queries(ApiSettings.from_environ())
+
+
+def _queries() -> JobQueries:
+    queries: JobQueries = app.context["queries"]
+    return queries
+
+
+def _list_query(parameters: dict[str, str]) -> ListJobsQuery:
+    try:
+        return ListJobsQuery.model_validate(parameters)
+    except ValidationError as exc:
+        details = "; ".join(
+            f"query parameter {'.'.join(str(part) for part in error['loc'])!r}: {error['msg']}"
+            for error in exc.errors(include_url=False)
+        )
+        raise LoraflowError(ErrorCode.BAD_REQUEST, details) from exc
+
+
+@app.get("/jobs")
+def list_jobs() -> dict[str, Any]:
+    query = _list_query(app.current_event.query_string_parameters or {})
+    return _queries().list_jobs(query).model_dump(mode="json")
+
+
+@app.get("/jobs/<job_id>")
+def get_job(job_id: str) -> dict[str, Any]:
+    return _queries().get_job(job_id).model_dump(mode="json")
+
+
+def _error(status: HTTPStatus, code: ErrorCode, message: str) -> Response[Any]:
+    return Response(
+        status_code=status.value,
+        content_type=content_types.APPLICATION_JSON,
+        body={"code": code.value, "message": message},
+    )
+
+
+@app.exception_handler(LoraflowError)
+def domain_error(exc: LoraflowError) -> Response[Any]:
+    status = HTTP_STATUS_BY_CODE.get(exc.code, HTTPStatus.INTERNAL_SERVER_ERROR)
+    return _error(status, exc.code, exc.message)
+
+
+@app.exception_handler(Exception)
+def unexpected(exc: Exception) -> Response[Any]:
+    logger.exception("unhandled error")  # the trace goes to the logs, never to the client
+    return _error(HTTPStatus.INTERNAL_SERVER_ERROR, ErrorCode.INTERNAL_ERROR, "internal error")
+
+
+@app.not_found
+def no_route(_exc: Exception) -> Response[Any]:
+    event = app.current_event
+    return _error(HTTPStatus.NOT_FOUND, ErrorCode.BAD_REQUEST, f"no route {event.http_method} {event.path}")
+
+
+@logger.inject_lambda_context(clear_state=True)
+def lambda_handler(event: dict[str, Any], context: LambdaContext, queries: JobQueries | None = None) -> Any:
+    app.append_context(queries=queries or default_queries())
+    return app.resolve(event, context)

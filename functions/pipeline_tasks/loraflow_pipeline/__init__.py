@@ -1,0 +1,1 @@
+"""PipelineTasksFunction: the training state machine's Lambda steps."""

@@ -1,0 +1,105 @@
+"""The only boto3 code of PipelineTasksFunction: S3 artifacts, the async endpoint, DynamoDB, SNS."""
+
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from typing import IO, TYPE_CHECKING, Any
+
+import boto3
+from loraflow_shared.errors import ErrorCode, LoraflowError
+from loraflow_shared.jobs.repository import JobRepository
+from loraflow_shared.notifications import Notifier
+from loraflow_shared.s3 import parse_s3_uri
+
+from loraflow_pipeline.logic import PipelineTasks
+from loraflow_pipeline.settings import PipelineSettings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_sagemaker_runtime import SageMakerRuntimeClient
+
+
+def _member_name(name: str) -> str:
+    """`./pytorch_lora_weights.safetensors` and `pytorch_lora_weights.safetensors` are the same member."""
+    return posixpath.normpath(name).lstrip("/")
+
+
+class _ForwardOnly:
+    """Only `read`: a member of a streamed tar cannot seek (and raises when asked whether it can),
+    so s3transfer must take its non-seekable upload path."""
+
+    def __init__(self, source: IO[bytes]) -> None:
+        self._source = source
+
+    def read(self, size: int = -1) -> bytes:
+        return self._source.read(size)
+
+
+class S3ArtifactStore:
+    def __init__(self, client: S3Client) -> None:
+        self._s3 = client
+
+    def unpack_model_archive(self, archive_uri: str, destinations: dict[str, str]) -> set[str]:
+        """Stream `model.tar.gz` member by member (`r|gz`): the archive never sits in memory or on disk."""
+        bucket, key = parse_s3_uri(archive_uri)
+        try:
+            body = self._s3.get_object(Bucket=bucket, Key=key)["Body"]
+        except self._s3.exceptions.NoSuchKey as exc:
+            raise LoraflowError(
+                ErrorCode.TRAINING_FAILED, f"model artifacts not found at {archive_uri}"
+            ) from exc
+        found: set[str] = set()
+        try:
+            with tarfile.open(fileobj=body, mode="r|gz") as archive:
+                for member in archive:
+                    name = _member_name(member.name)
+                    source = archive.extractfile(member) if member.isfile() else None
+                    if source is None or name not in destinations or name in found:
+                        continue
+                    target_bucket, target_key = parse_s3_uri(destinations[name])
+                    forward_only: Any = _ForwardOnly(source)  # duck-typed: s3transfer only calls read()
+                    self._s3.upload_fileobj(forward_only, target_bucket, target_key)
+                    found.add(name)
+                    if found == set(destinations):
+                        break
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise LoraflowError(
+                ErrorCode.TRAINING_FAILED,
+                f"model artifacts at {archive_uri} are not a readable tar.gz: {exc}",
+            ) from exc
+        finally:
+            body.close()
+        return found
+
+    def read_bytes(self, uri: str) -> bytes:
+        bucket, key = parse_s3_uri(uri)
+        return self._s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def put_json(self, uri: str, body: str) -> None:
+        bucket, key = parse_s3_uri(uri)
+        self._s3.put_object(Bucket=bucket, Key=key, Body=body.encode(), ContentType="application/json")
+
+
+class SageMakerAsyncEndpoint:
+    def __init__(self, client: SageMakerRuntimeClient, endpoint_name: str) -> None:
+        self._client = client
+        self._endpoint_name = endpoint_name
+
+    def invoke_async(self, input_uri: str, inference_id: str) -> None:
+        self._client.invoke_endpoint_async(
+            EndpointName=self._endpoint_name,
+            InputLocation=input_uri,
+            InferenceId=inference_id,
+            ContentType="application/json",
+        )
+
+
+def build_tasks(settings: PipelineSettings) -> PipelineTasks:
+    return PipelineTasks(
+        repository=JobRepository(boto3.resource("dynamodb").Table(settings.jobs_table)),
+        notifier=Notifier(boto3.client("sns"), settings.notification_topic_arn),
+        artifacts=S3ArtifactStore(boto3.client("s3")),
+        endpoint=SageMakerAsyncEndpoint(boto3.client("sagemaker-runtime"), settings.preview_endpoint_name),
+        artifacts_bucket=settings.artifacts_bucket,
+    )

@@ -1,0 +1,55 @@
+"""The payloads the state machine sends (`{"action": ..., ...}`), one model per action."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from loraflow_shared.contracts import PreviewResponse, S3Uri
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+
+class _Action(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    job_id: str = Field(min_length=1)
+
+
+class MarkTraining(_Action):
+    action: Literal["mark_training"]
+
+
+class RecordTraining(_Action):
+    action: Literal["record_training"]
+    training_job_name: str = Field(min_length=1)
+    model_artifacts: S3Uri  # s3://.../model.tar.gz
+
+
+class RequestPreviews(_Action):
+    action: Literal["request_previews"]
+    task_token: str = Field(min_length=1)
+    lora_s3_uri: S3Uri
+
+
+class Complete(_Action):
+    action: Literal["complete"]
+    previews: PreviewResponse
+
+
+class CaughtError(BaseModel):
+    """What a Catch with `ResultPath: $.error` stores: Step Functions' error name and cause."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    error: str = Field(default="", alias="Error")
+    cause: str | None = Field(default="", alias="Cause")
+
+
+class Fail(_Action):
+    action: Literal["fail"]
+    error: CaughtError
+
+
+PipelineAction = Annotated[
+    MarkTraining | RecordTraining | RequestPreviews | Complete | Fail, Field(discriminator="action")
+]
+ACTION_ADAPTER: TypeAdapter[PipelineAction] = TypeAdapter(PipelineAction)

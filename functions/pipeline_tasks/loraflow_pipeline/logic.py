@@ -1,0 +1,152 @@
+"""The state machine's steps. Each returns the JSON the state machine stores (`{}` when nothing)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, assert_never
+
+from loraflow_shared.contracts import PreviewRequest, TrainingReport
+from loraflow_shared.errors import ErrorCode, LoraflowError
+from loraflow_shared.jobs.failures import problems_from_task_failure
+from loraflow_shared.jobs.model import Artifacts, JobStatus, Preview, TrainingSummary
+from loraflow_shared.jobs.repository import JobRepository
+from loraflow_shared.notifications import TerminalNotifier, announce_terminal
+from loraflow_shared.s3 import s3_uri
+from pydantic import ValidationError
+
+from loraflow_pipeline.events import (
+    Complete,
+    Fail,
+    MarkTraining,
+    PipelineAction,
+    RecordTraining,
+    RequestPreviews,
+)
+
+LORA_FILENAME = "pytorch_lora_weights.safetensors"
+REPORT_FILENAME = "training_report.json"
+
+# Which code a failure gets when its cause says nothing better, by the status the job was in.
+_FALLBACK_CODES = {
+    JobStatus.TRAINING: ErrorCode.TRAINING_FAILED,
+    JobStatus.GENERATING_PREVIEWS: ErrorCode.PREVIEW_FAILED,
+}
+
+
+class ArtifactStore(Protocol):
+    def unpack_model_archive(self, archive_uri: str, destinations: dict[str, str]) -> set[str]:
+        """Stream the tar.gz, copy the members named in `destinations` to their URIs; return names found."""
+        ...
+
+    def read_bytes(self, uri: str) -> bytes: ...
+
+    def put_json(self, uri: str, body: str) -> None: ...
+
+
+class PreviewEndpoint(Protocol):
+    def invoke_async(self, input_uri: str, inference_id: str) -> None: ...
+
+
+class PipelineTasks:
+    def __init__(
+        self,
+        repository: JobRepository,
+        notifier: TerminalNotifier,
+        artifacts: ArtifactStore,
+        endpoint: PreviewEndpoint,
+        artifacts_bucket: str,
+    ) -> None:
+        self._repository = repository
+        self._notifier = notifier
+        self._artifacts = artifacts
+        self._endpoint = endpoint
+        self._bucket = artifacts_bucket
+
+    def run(self, action: PipelineAction) -> dict[str, Any]:
+        match action:
+            case MarkTraining():
+                self._repository.transition(action.job_id, JobStatus.TRAINING)
+                return {}
+            case RecordTraining():
+                return self.record_training(action)
+            case RequestPreviews():
+                return self.request_previews(action)
+            case Complete():
+                return self.complete(action)
+            case Fail():
+                return self.fail(action)
+            case _:
+                assert_never(action)
+
+    def record_training(self, action: RecordTraining) -> dict[str, Any]:
+        job_id = action.job_id
+        lora_uri = s3_uri(self._bucket, f"jobs/{job_id}/lora/{LORA_FILENAME}")
+        report_uri = s3_uri(self._bucket, f"jobs/{job_id}/{REPORT_FILENAME}")
+        found = self._artifacts.unpack_model_archive(
+            action.model_artifacts, {LORA_FILENAME: lora_uri, REPORT_FILENAME: report_uri}
+        )
+        for name in (LORA_FILENAME, REPORT_FILENAME):
+            if name not in found:
+                raise LoraflowError(
+                    ErrorCode.TRAINING_FAILED, f"training finished but its model.tar.gz has no {name}"
+                )
+        try:
+            report = TrainingReport.model_validate_json(self._artifacts.read_bytes(report_uri))
+        except ValidationError as exc:
+            raise LoraflowError(ErrorCode.TRAINING_FAILED, f"{REPORT_FILENAME} is not valid: {exc}") from exc
+        summary = TrainingSummary(
+            job_name=action.training_job_name,
+            steps=report.steps,
+            final_loss=report.final_loss,
+            seconds=report.seconds,
+        )
+        artifacts = Artifacts(lora_diffusers_s3_uri=lora_uri, training_report_s3_uri=report_uri)
+        self._repository.update(job_id, training=summary, artifacts=artifacts)
+        return {"lora_s3_uri": lora_uri}
+
+    def request_previews(self, action: RequestPreviews) -> dict[str, Any]:
+        job = self._repository.require(action.job_id)
+        if job.preview is None or job.base_model is None:
+            raise LoraflowError(ErrorCode.INTERNAL_ERROR, f"job {job.job_id} has no preview settings")
+        request = PreviewRequest(
+            job_id=job.job_id,
+            base_model=job.base_model,
+            lora_s3_uri=action.lora_s3_uri,
+            prompts=job.preview.prompts,
+            steps=job.preview.steps,
+            resolution=job.preview.resolution,
+            seed=job.preview.seed,
+            output_s3_prefix=s3_uri(self._bucket, f"jobs/{job.job_id}/previews/"),
+        )
+        # The token is stored before invoking, so the callback always finds it.
+        self._repository.transition(
+            job.job_id, JobStatus.GENERATING_PREVIEWS, preview_task_token=action.task_token
+        )
+        input_uri = s3_uri(self._bucket, f"async-inference/requests/{job.job_id}.json")
+        self._artifacts.put_json(input_uri, request.model_dump_json())
+        self._endpoint.invoke_async(input_uri, inference_id=job.job_id)
+        return {}
+
+    def complete(self, action: Complete) -> dict[str, Any]:
+        job = self._repository.require(action.job_id)
+        if not job.is_terminal:
+            if action.previews.job_id != job.job_id:
+                raise LoraflowError(
+                    ErrorCode.PREVIEW_FAILED, f"preview response is for job {action.previews.job_id}"
+                )
+            previews = [Preview(prompt=p.prompt, s3_uri=p.s3_uri) for p in action.previews.previews]
+            job = self._repository.transition(
+                job.job_id, JobStatus.COMPLETED, previews=previews, preview_task_token=None
+            )
+        announce_terminal(job, self._repository, self._notifier)
+        return {}
+
+    def fail(self, action: Fail) -> dict[str, Any]:
+        job = self._repository.require(action.job_id)
+        if not job.is_terminal:  # a late or repeated failure never overwrites a final outcome
+            fallback = _FALLBACK_CODES.get(job.status, ErrorCode.INTERNAL_ERROR)
+            errors = problems_from_task_failure(action.error.error, action.error.cause or "", fallback)
+            job = self._repository.transition(
+                job.job_id, JobStatus.FAILED, errors=errors, preview_task_token=None
+            )
+        announce_terminal(job, self._repository, self._notifier)
+        return {}

@@ -1,0 +1,1 @@
+"""PreviewCallbackFunction: async endpoint success/error notifications -> SendTaskSuccess/SendTaskFailure."""

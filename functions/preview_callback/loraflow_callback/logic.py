@@ -1,0 +1,85 @@
+"""Complete the waiting `request_previews` task of a job from the endpoint's notification."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Protocol
+
+from loraflow_shared.contracts import PreviewResponse
+from loraflow_shared.errors import ErrorCode
+from loraflow_shared.jobs.repository import JobRepository
+from pydantic import ValidationError
+
+from loraflow_callback.events import AsyncInferenceNotification
+
+CAUSE_LIMIT = 32_768  # Step Functions' limit on a task failure's cause
+
+
+class TaskTokens(Protocol):
+    def succeed(self, token: str, output: str) -> bool:
+        """False when the task no longer waits (timed out, execution ended)."""
+        ...
+
+    def fail(self, token: str, error: str, cause: str) -> bool: ...
+
+
+class ResultStore(Protocol):
+    def read_text(self, uri: str) -> str | None:
+        """The object's text, or None when it does not exist."""
+        ...
+
+
+class Outcome(StrEnum):
+    UNKNOWN_JOB = "UNKNOWN_JOB"  # not one of ours, or deleted: nothing to complete
+    NO_TASK_TOKEN = "NO_TASK_TOKEN"  # already completed or failed (a duplicate notification)
+    TASK_GONE = "TASK_GONE"  # the execution stopped waiting (timeout, stopped)
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+
+
+class PreviewCallback:
+    def __init__(self, repository: JobRepository, tokens: TaskTokens, results: ResultStore) -> None:
+        self._repository = repository
+        self._tokens = tokens
+        self._results = results
+
+    def handle(self, notification: AsyncInferenceNotification) -> Outcome:
+        job = self._repository.get(notification.inference_id)
+        if job is None:
+            return Outcome.UNKNOWN_JOB
+        token = job.preview_task_token
+        if not token:
+            return Outcome.NO_TASK_TOKEN
+        response, failure = self._response(notification)
+        if response is not None:
+            delivered = self._tokens.succeed(token, response.model_dump_json())
+            return Outcome.SUCCEEDED if delivered else Outcome.TASK_GONE
+        delivered = self._tokens.fail(token, ErrorCode.PREVIEW_FAILED.value, failure[:CAUSE_LIMIT])
+        return Outcome.FAILED if delivered else Outcome.TASK_GONE
+
+    def _response(self, notification: AsyncInferenceNotification) -> tuple[PreviewResponse | None, str]:
+        """The endpoint's preview response, or why there is none."""
+        if not notification.succeeded:
+            return None, self._failure_cause(notification)
+        location = notification.response_parameters.output_location
+        text = self._results.read_text(location) if location else None
+        if text is None:
+            return None, f"the endpoint reported success but its output is missing: {location or '(none)'}"
+        try:
+            return PreviewResponse.model_validate_json(text), ""
+        except ValidationError as exc:
+            return None, f"the endpoint's output at {location} is not a preview response: {exc}"
+
+    def _failure_cause(self, notification: AsyncInferenceNotification) -> str:
+        """Our server's `{code, message}` body when the failure file has it, else SageMaker's reason."""
+        reason = notification.failure_reason or f"inference {notification.invocation_status}, no reason given"
+        location = notification.response_parameters.failure_location
+        body = (self._results.read_text(location) or "").strip() if location else ""
+        if not body:
+            return reason
+        try:
+            is_object = isinstance(json.loads(body), dict)
+        except ValueError:
+            is_object = False
+        return body if is_object else f"{reason}: {body}"

@@ -1,0 +1,71 @@
+"""Payloads that cross a process boundary: state machine input, preview request/response, training report.
+
+The Lambda functions, the training container and the inference container all import these models,
+so a payload is described once. Requests forbid unknown keys (a typo is an error, not a silent
+default); the training report allows extra keys because the trainer may add metrics over time.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+S3Uri = Annotated[str, StringConstraints(pattern=r"^s3://[^/]+/.*$")]
+"""An ``s3://bucket/key`` URI (the key may be empty or a prefix)."""
+
+NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExecutionInput(_Strict):
+    """Input of the training pipeline state machine (`StartExecution(name=job_id)`)."""
+
+    job_id: NonEmptyStr
+    dataset: NonEmptyStr
+    dataset_s3_uri: S3Uri
+    config_file: NonEmptyStr
+    base_model: NonEmptyStr
+
+
+class PreviewRequest(_Strict):
+    """Async inference request, written to `async-inference/requests/<job_id>.json`."""
+
+    job_id: NonEmptyStr
+    base_model: NonEmptyStr
+    # The `pytorch_lora_weights.safetensors` object itself (diffusers format), not its folder.
+    lora_s3_uri: S3Uri
+    prompts: list[NonEmptyStr] = Field(min_length=1)
+    steps: int = Field(ge=1)
+    # Stable Diffusion's VAE downsamples by 8: other sizes cannot be rendered.
+    resolution: int = Field(ge=8, multiple_of=8)
+    seed: int = Field(ge=0)
+    # Where the endpoint writes `<index>.png` (e.g. `s3://artifacts/jobs/<job_id>/previews/`).
+    output_s3_prefix: S3Uri
+
+
+class PreviewResult(_Strict):
+    prompt: str
+    s3_uri: S3Uri
+
+
+class PreviewResponse(_Strict):
+    """Async inference output (the JSON object at the response's `outputLocation`)."""
+
+    job_id: NonEmptyStr
+    previews: list[PreviewResult]
+
+
+class TrainingReport(BaseModel):
+    """`training_report.json` written by the trainer next to the LoRA weights."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    steps: int = Field(ge=0)
+    # None when no step ran; NaN/inf are refused (a diverged run is a failure, not a report).
+    final_loss: Annotated[float, Field(allow_inf_nan=False)] | None
+    seconds: float = Field(ge=0)
+    ignored_keys: list[str] = Field(default_factory=list)

@@ -1,0 +1,1 @@
+"""Job lifecycle: the job record and its states, DynamoDB repository, failure mapping."""

@@ -1,0 +1,169 @@
+"""DynamoDB access for jobs: claims, guarded status transitions, listings by dataset.
+
+Every status change is a conditional write, so the state rules in `model.ALLOWED_TRANSITIONS` hold
+even when steps are retried or race. A transition to the status a job already has is accepted and
+re-applies the given fields: a retried step (same Lambda payload, new task token) is therefore safe.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from functools import cache
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from boto3.dynamodb.conditions import Key
+from pydantic import TypeAdapter
+from pydantic_core import to_jsonable_python
+
+from loraflow_shared.errors import ErrorCode, LoraflowError
+from loraflow_shared.jobs.errors import InvalidTransition, JobNotFound
+from loraflow_shared.jobs.model import Job, JobStatus, predecessors, timestamp
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.service_resource import Table
+
+DATASET_INDEX = "by_dataset"
+_KEY_ATTRIBUTES = frozenset({"job_id", "dataset", "created_at"})
+# Identity and history fields: set once by `claim`, never by `update`/`transition`.
+_IMMUTABLE_FIELDS = frozenset({"job_id", "dataset", "created_at", "fingerprint", "status", "updated_at"})
+
+
+class ClaimResult(NamedTuple):
+    job: Job
+    created: bool
+
+
+def to_dynamo(value: Any) -> Any:
+    """JSON-shaped data with floats as Decimal (the DynamoDB resource API refuses floats)."""
+    return json.loads(json.dumps(to_jsonable_python(value)), parse_float=Decimal)
+
+
+@cache
+def _field_adapter(name: str) -> TypeAdapter[Any]:
+    return TypeAdapter(Job.model_fields[name].annotation)
+
+
+def _validated_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Check names and types before writing, so a bad update fails here rather than on the next read."""
+    unknown = set(fields) - set(Job.model_fields)
+    if unknown or _IMMUTABLE_FIELDS & set(fields):
+        raise ValueError(f"cannot update job fields {sorted(unknown | (_IMMUTABLE_FIELDS & set(fields)))}")
+    return {name: _field_adapter(name).validate_python(value) for name, value in fields.items()}
+
+
+class JobRepository:
+    def __init__(self, table: Table, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self._table = table
+        self._clock = clock
+        self._conditional_failed = table.meta.client.exceptions.ConditionalCheckFailedException
+
+    def now(self) -> str:
+        return timestamp(self._clock())
+
+    def claim(self, job: Job) -> ClaimResult:
+        """Create `job` unless a job with its id exists; then return that one (`created=False`)."""
+        try:
+            self._table.put_item(Item=to_dynamo(job), ConditionExpression="attribute_not_exists(job_id)")
+        except self._conditional_failed:
+            existing = self.get(job.job_id)
+            if existing is None:  # deleted between the two calls: nothing sane to resume
+                raise LoraflowError(
+                    ErrorCode.INTERNAL_ERROR, f"job {job.job_id} vanished while claimed"
+                ) from None
+            return ClaimResult(existing, created=False)
+        return ClaimResult(job, created=True)
+
+    def get(self, job_id: str) -> Job | None:
+        item = self._table.get_item(Key={"job_id": job_id}, ConsistentRead=True).get("Item")
+        return None if item is None else Job.model_validate(item)
+
+    def require(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    def transition(self, job_id: str, to: JobStatus, **fields: Any) -> Job:
+        """Move the job to `to` (allowed predecessors or `to` itself) and set `fields` in the same write."""
+        allowed = sorted(predecessors(to) | {to})
+        values = {**_validated_fields(fields), "status": to, "updated_at": self.now()}
+        placeholders = ", ".join(f":allowed{i}" for i in range(len(allowed)))
+        try:
+            return self._write(
+                job_id,
+                values,
+                condition=f"attribute_exists(job_id) AND #status IN ({placeholders})",
+                extra_values={f":allowed{i}": status.value for i, status in enumerate(allowed)},
+            )
+        except self._conditional_failed:
+            current = self.require(job_id)
+            raise InvalidTransition(job_id, current.status, to) from None
+
+    def update(self, job_id: str, **fields: Any) -> Job:
+        """Set `fields` without changing the status."""
+        values = {**_validated_fields(fields), "updated_at": self.now()}
+        try:
+            return self._write(job_id, values, condition="attribute_exists(job_id)", extra_values={})
+        except self._conditional_failed:
+            raise JobNotFound(job_id) from None
+
+    def _write(
+        self, job_id: str, values: dict[str, Any], condition: str, extra_values: dict[str, Any]
+    ) -> Job:
+        names = {f"#f{i}": name for i, name in enumerate(values)}
+        if "#status" in condition:  # DynamoDB rejects attribute names an expression does not use
+            names["#status"] = "status"
+        expression_values = {f":v{i}": to_dynamo(value) for i, value in enumerate(values.values())}
+        response = self._table.update_item(
+            Key={"job_id": job_id},
+            UpdateExpression="SET " + ", ".join(f"#f{i} = :v{i}" for i in range(len(values))),
+            ConditionExpression=condition,
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues={**expression_values, **extra_values},
+            ReturnValues="ALL_NEW",
+        )
+        return Job.model_validate(response["Attributes"])
+
+    def list_by_dataset(
+        self, dataset: str, limit: int = 20, next_token: str | None = None
+    ) -> tuple[list[Job], str | None]:
+        """Jobs of one dataset, newest first, one page at a time."""
+        query: dict[str, Any] = {
+            "IndexName": DATASET_INDEX,
+            "KeyConditionExpression": Key("dataset").eq(dataset),
+            "ScanIndexForward": False,
+            "Limit": limit,
+        }
+        if next_token:
+            query["ExclusiveStartKey"] = decode_page_token(next_token, dataset)
+        response = self._table.query(**query)
+        jobs = [Job.model_validate(item) for item in response.get("Items", [])]
+        last_key = response.get("LastEvaluatedKey")
+        return jobs, encode_page_token(last_key) if last_key else None
+
+
+def encode_page_token(last_evaluated_key: dict[str, Any]) -> str:
+    raw = json.dumps(to_jsonable_python(last_evaluated_key), sort_keys=True, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str, dataset: str) -> dict[str, str]:
+    """The DynamoDB start key inside a `next_token`; anything else is the caller's error, not ours."""
+    invalid = LoraflowError(ErrorCode.BAD_REQUEST, "next_token is not a token returned by this listing")
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (binascii.Error, ValueError) as exc:
+        raise invalid from exc
+    if (
+        not isinstance(decoded, dict)
+        or set(decoded) != _KEY_ATTRIBUTES
+        or not all(isinstance(value, str) for value in decoded.values())
+        or decoded["dataset"] != dataset
+    ):
+        raise invalid
+    return decoded

@@ -1,0 +1,67 @@
+"""The user-facing notification sent once per job when it reaches a terminal status."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Protocol
+
+from loraflow_shared.jobs.model import Job
+
+if TYPE_CHECKING:
+    from mypy_boto3_sns import SNSClient
+
+    from loraflow_shared.jobs.repository import JobRepository
+
+_SUBJECT_LIMIT = 100  # SNS rejects longer subjects
+
+
+def terminal_notification(job: Job) -> tuple[str, str, dict[str, Any]]:
+    """`(subject, message_json, message_attributes)` for a job in a terminal status.
+
+    Subscribers can filter on the `status` message attribute (e.g. only FAILED and REJECTED).
+    """
+    if not job.is_terminal:
+        raise ValueError(f"job {job.job_id} is {job.status.value}, not terminal: nothing to announce")
+    body = {
+        "job_id": job.job_id,
+        "dataset": job.dataset,
+        "status": job.status.value,
+        "errors": [problem.model_dump(mode="json") for problem in job.errors],
+        "warnings": [problem.model_dump(mode="json") for problem in job.warnings],
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "preview_count": len(job.previews),
+    }
+    # SNS subjects must be ASCII without line breaks.
+    subject = f"loraflow {job.status.value}: {job.dataset}".encode("ascii", "replace").decode()
+    subject = " ".join(subject.split())[:_SUBJECT_LIMIT]
+    attributes = {"status": {"DataType": "String", "StringValue": job.status.value}}
+    return subject, json.dumps(body), attributes
+
+
+class TerminalNotifier(Protocol):
+    def publish_terminal(self, job: Job) -> None: ...
+
+
+class Notifier:
+    def __init__(self, sns_client: SNSClient, topic_arn: str) -> None:
+        self._sns = sns_client
+        self._topic_arn = topic_arn
+
+    def publish_terminal(self, job: Job) -> None:
+        subject, message, attributes = terminal_notification(job)
+        self._sns.publish(
+            TopicArn=self._topic_arn, Subject=subject, Message=message, MessageAttributes=attributes
+        )
+
+
+def announce_terminal(job: Job, repository: JobRepository, notifier: TerminalNotifier) -> Job:
+    """Publish the terminal notification unless it already went out, then remember that it did.
+
+    Publishing before recording means a crash in between re-sends on retry (at least once) rather
+    than losing the notification.
+    """
+    if not job.is_terminal or job.notified_at is not None:
+        return job
+    notifier.publish_terminal(job)
+    return repository.update(job.job_id, notified_at=repository.now())

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import pytest
+from loraflow_api.settings import ApiSettings
+from loraflow_callback.settings import CallbackSettings
+from loraflow_ingest.settings import IngestSettings
+from loraflow_pipeline.settings import PipelineSettings
+from loraflow_shared.settings import EnvSettings, SettingsError
+
+ENV = {
+    "JOBS_TABLE": "jobs",
+    "NOTIFICATION_TOPIC_ARN": "arn:aws:sns:us-east-1:123456789012:notifications",
+    "STATE_MACHINE_ARN": "arn:aws:states:us-east-1:123456789012:stateMachine:pipeline",
+    "SETTLE_SECONDS": "60",
+    "DEFAULT_BASE_MODEL": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "ARTIFACTS_BUCKET": "artifacts",
+    "PREVIEW_ENDPOINT_NAME": "preview",
+    "URL_EXPIRY_SECONDS": "3600",
+}
+ALL_SETTINGS: list[type[EnvSettings]] = [IngestSettings, PipelineSettings, CallbackSettings, ApiSettings]
+
+
+@pytest.mark.parametrize("settings_class", ALL_SETTINGS)
+def test_given_complete_environment_when_loaded_then_every_field_read(
+    settings_class: type[EnvSettings],
+) -> None:
+    settings = settings_class.from_environ(ENV)
+    for field in settings_class.model_fields:
+        assert str(getattr(settings, field)) == ENV[field.upper()]
+
+
+@pytest.mark.parametrize("settings_class", ALL_SETTINGS)
+def test_given_missing_jobs_table_when_loaded_then_error_names_the_variable(
+    settings_class: type[EnvSettings],
+) -> None:
+    environ = {name: value for name, value in ENV.items() if name != "JOBS_TABLE"}
+    with pytest.raises(SettingsError, match="JOBS_TABLE"):
+        settings_class.from_environ(environ)
+
+
+@pytest.mark.parametrize(("name", "value"), [("SETTLE_SECONDS", "soon"), ("SETTLE_SECONDS", "-1")])
+def test_given_malformed_number_when_loaded_then_error_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        IngestSettings.from_environ(ENV | {name: value})

@@ -1,0 +1,252 @@
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from typing import Any
+
+import boto3
+import pytest
+from functions_aws import ARTIFACTS_BUCKET, ENDPOINT_NAME, REGION, Cloud, FakeLambdaContext, load_event
+from loraflow_pipeline import app
+from loraflow_pipeline.adapters import build_tasks
+from loraflow_pipeline.logic import PipelineTasks
+from loraflow_pipeline.settings import PipelineSettings
+from loraflow_shared.contracts import PreviewRequest
+from loraflow_shared.errors import ErrorCode, Problem
+from loraflow_shared.jobs.model import Job, JobStatus, PreviewSettings
+from loraflow_shared.jobs.repository import JobRepository
+from moto.sagemakerruntime.models import sagemakerruntime_backends
+
+JOB_ID = load_event("sfn_record_training.json")["job_id"]
+PATH_TO = {
+    JobStatus.QUEUED: [JobStatus.QUEUED],
+    JobStatus.TRAINING: [JobStatus.QUEUED, JobStatus.TRAINING],
+    JobStatus.GENERATING_PREVIEWS: [JobStatus.QUEUED, JobStatus.TRAINING, JobStatus.GENERATING_PREVIEWS],
+}
+
+
+@pytest.fixture
+def tasks(cloud: Cloud) -> PipelineTasks:
+    return build_tasks(PipelineSettings.from_environ(cloud.env()))
+
+
+@pytest.fixture
+def repository(cloud: Cloud) -> JobRepository:
+    return JobRepository(cloud.table)
+
+
+def run(tasks: PipelineTasks, context: FakeLambdaContext, payload: dict[str, Any]) -> Any:
+    return app.lambda_handler(payload, context, tasks=tasks)
+
+
+def job_in(repository: JobRepository, status: JobStatus) -> Job:
+    now = repository.now()
+    repository.claim(
+        Job(
+            job_id=JOB_ID,
+            dataset="0001-dataset",
+            status=JobStatus.VALIDATING,
+            created_at=now,
+            updated_at=now,
+            fingerprint="f" * 64,
+            dataset_s3_uri="s3://loraflow-datasets/0001-dataset/",
+            config_file="config.toml",
+            base_model="s3://loraflow-artifacts/base-models/tiny-sd/",
+            preview=PreviewSettings(
+                prompts=["a photo of zqxj dog", "zqxj dog"], steps=3, resolution=64, seed=7
+            ),
+        )
+    )
+    for step in PATH_TO.get(status, []):
+        repository.transition(JOB_ID, step)
+    return repository.require(JOB_ID)
+
+
+def model_archive(members: dict[str, bytes]) -> str:
+    """Upload a model.tar.gz like SageMaker's (members under `./`) and return its URI."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"./{name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    key = f"training/loraflow-{JOB_ID}/output/model.tar.gz"
+    boto3.client("s3", region_name=REGION).put_object(
+        Bucket=ARTIFACTS_BUCKET, Key=key, Body=buffer.getvalue()
+    )
+    return f"s3://{ARTIFACTS_BUCKET}/{key}"
+
+
+def read(key: str) -> bytes:
+    return boto3.client("s3", region_name=REGION).get_object(Bucket=ARTIFACTS_BUCKET, Key=key)["Body"].read()
+
+
+def test_given_queued_job_when_training_marked_then_training(
+    tasks: PipelineTasks, repository: JobRepository, context: FakeLambdaContext
+) -> None:
+    job_in(repository, JobStatus.QUEUED)
+    assert run(tasks, context, {"action": "mark_training", "job_id": JOB_ID}) == {}
+    assert repository.require(JOB_ID).status is JobStatus.TRAINING
+
+
+def test_given_validating_job_when_training_marked_then_error_named_for_the_state_machine(
+    tasks: PipelineTasks, repository: JobRepository, context: FakeLambdaContext
+) -> None:
+    job_in(repository, JobStatus.VALIDATING)
+    with pytest.raises(Exception) as raised:
+        run(tasks, context, {"action": "mark_training", "job_id": JOB_ID})
+    assert type(raised.value).__name__ == "INTERNAL_ERROR"
+    assert "VALIDATING" in json.loads(str(raised.value))["message"]
+
+
+def test_given_model_archive_when_training_recorded_then_lora_and_report_copied_and_job_updated(
+    tasks: PipelineTasks, repository: JobRepository, context: FakeLambdaContext
+) -> None:
+    job_in(repository, JobStatus.TRAINING)
+    lora = bytes(range(256)) * 64
+    report = {"steps": 2, "final_loss": 0.1875, "seconds": 3.5, "ignored_keys": ["xformers"], "device": "cpu"}
+    payload = load_event("sfn_record_training.json") | {
+        "model_artifacts": model_archive(
+            {"pytorch_lora_weights.safetensors": lora, "training_report.json": json.dumps(report).encode()}
+        )
+    }
+
+    result = run(tasks, context, payload)
+
+    lora_key = f"jobs/{JOB_ID}/lora/pytorch_lora_weights.safetensors"
+    assert result == {"lora_s3_uri": f"s3://{ARTIFACTS_BUCKET}/{lora_key}"}
+    assert read(lora_key) == lora
+    assert json.loads(read(f"jobs/{JOB_ID}/training_report.json")) == report
+    job = repository.require(JOB_ID)
+    assert job.training is not None and job.artifacts is not None
+    assert (job.training.job_name, job.training.steps, job.training.final_loss) == (
+        f"loraflow-{JOB_ID}",
+        2,
+        0.1875,
+    )
+    assert job.artifacts.lora_diffusers_s3_uri == result["lora_s3_uri"]
+
+
+def test_given_archive_without_lora_when_training_recorded_then_training_failed(
+    tasks: PipelineTasks, repository: JobRepository, context: FakeLambdaContext
+) -> None:
+    job_in(repository, JobStatus.TRAINING)
+    payload = load_event("sfn_record_training.json") | {
+        "model_artifacts": model_archive(
+            {"training_report.json": b'{"steps": 1, "final_loss": 1, "seconds": 1}'}
+        )
+    }
+    with pytest.raises(Exception) as raised:
+        run(tasks, context, payload)
+    assert type(raised.value).__name__ == "TRAINING_FAILED"
+    assert "pytorch_lora_weights.safetensors" in json.loads(str(raised.value))["message"]
+
+
+def test_given_trained_job_when_previews_requested_then_request_written_and_endpoint_invoked(
+    tasks: PipelineTasks, repository: JobRepository, context: FakeLambdaContext
+) -> None:
+    job_in(repository, JobStatus.TRAINING)
+    lora_uri = f"s3://{ARTIFACTS_BUCKET}/jobs/{JOB_ID}/lora/pytorch_lora_weights.safetensors"
+    payload = {
+        "action": "request_previews",
+        "job_id": JOB_ID,
+        "task_token": "token-1",
+        "lora_s3_uri": lora_uri,
+    }
+
+    assert run(tasks, context, payload) == {}
+
+    job = repository.require(JOB_ID)
+    assert (job.status, job.preview_task_token) == (JobStatus.GENERATING_PREVIEWS, "token-1")
+    request_key = f"async-inference/requests/{JOB_ID}.json"
+    request = PreviewRequest.model_validate_json(read(request_key))
+    assert request.prompts == ["a photo of zqxj dog", "zqxj dog"]
+    assert (request.steps, request.resolution, request.seed, request.lora_s3_uri) == (3, 64, 7, lora_uri)
+    assert request.output_s3_prefix == f"s3://{ARTIFACTS_BUCKET}/jobs/{JOB_ID}/previews/"
+    invoked = sagemakerruntime_backends["123456789012"][REGION].async_results[ENDPOINT_NAME]
+    assert list(invoked) == [f"s3://{ARTIFACTS_BUCKET}/{request_key}"]
+
+
+def test_given_previews_rendered_when_completed_then_completed_and_notified_once(
+    tasks: PipelineTasks, repository: JobRepository, cloud: Cloud, context: FakeLambdaContext
+) -> None:
+    job_in(repository, JobStatus.GENERATING_PREVIEWS)
+    previews = {
+        "job_id": JOB_ID,
+        "previews": [{"prompt": "zqxj dog", "s3_uri": "s3://a/jobs/x/previews/0.png"}],
+    }
+    payload = {"action": "complete", "job_id": JOB_ID, "previews": previews}
+
+    run(tasks, context, payload)
+    run(tasks, context, payload)  # a retried step must not notify twice
+
+    job = repository.require(JOB_ID)
+    assert job.status is JobStatus.COMPLETED
+    assert [(p.prompt, p.s3_uri) for p in job.previews] == [("zqxj dog", "s3://a/jobs/x/previews/0.png")]
+    assert job.preview_task_token is None
+    [envelope] = cloud.notifications()
+    assert json.loads(envelope["Message"])["status"] == "COMPLETED"
+
+
+def test_given_training_failure_cause_when_failed_then_failed_with_container_problem(
+    tasks: PipelineTasks, repository: JobRepository, cloud: Cloud, context: FakeLambdaContext
+) -> None:
+    job_in(repository, JobStatus.TRAINING)
+    payload = load_event("sfn_fail_training.json")
+
+    assert run(tasks, context, payload) == {}
+
+    job = repository.require(JOB_ID)
+    assert job.status is JobStatus.FAILED
+    assert job.errors == [
+        Problem(
+            code=ErrorCode.UNREADABLE_IMAGE,
+            path="20_zqxj dog/img 3.png",
+            message="cannot decode image: image file is truncated (18 bytes not processed)",
+        )
+    ]
+    [envelope] = cloud.notifications()
+    assert envelope["MessageAttributes"]["status"]["Value"] == "FAILED"
+
+
+def test_given_completed_job_when_a_late_failure_arrives_then_outcome_kept(
+    tasks: PipelineTasks, repository: JobRepository, context: FakeLambdaContext
+) -> None:
+    job_in(repository, JobStatus.GENERATING_PREVIEWS)
+    run(
+        tasks,
+        context,
+        {"action": "complete", "job_id": JOB_ID, "previews": {"job_id": JOB_ID, "previews": []}},
+    )
+
+    run(
+        tasks,
+        context,
+        {"action": "fail", "job_id": JOB_ID, "error": {"Error": "States.Timeout", "Cause": ""}},
+    )
+
+    job = repository.require(JOB_ID)
+    assert (job.status, job.errors) == (JobStatus.COMPLETED, [])
+
+
+def test_given_preview_timeout_without_cause_when_failed_then_preview_failed(
+    tasks: PipelineTasks, repository: JobRepository, context: FakeLambdaContext
+) -> None:
+    job_in(repository, JobStatus.GENERATING_PREVIEWS)
+    run(tasks, context, {"action": "fail", "job_id": JOB_ID, "error": {"Error": "States.Timeout"}})
+    [problem] = repository.require(JOB_ID).errors
+    assert problem.code is ErrorCode.PREVIEW_FAILED
+    assert "States.Timeout" in problem.message
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"action": "train_harder", "job_id": JOB_ID}, {"action": "mark_training"}, "not an object"],
+)
+def test_given_malformed_payload_when_invoked_then_bad_request_error(
+    tasks: PipelineTasks, context: FakeLambdaContext, payload: Any
+) -> None:
+    with pytest.raises(Exception) as raised:
+        run(tasks, context, payload)
+    assert type(raised.value).__name__ == "BAD_REQUEST"
