@@ -1,0 +1,163 @@
+"""Load a base model from any reference loraflow accepts, as the right pipeline class for its family.
+
+References: a local diffusers folder; a local `.safetensors`/`.ckpt` single file; `s3://bucket/prefix/`
+(a diffusers folder) or `s3://bucket/key.safetensors|.ckpt`, downloaded once into the cache; otherwise a
+Hugging Face model id. Every failure becomes one `MODEL_LOAD_FAILED` naming the reference and the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from loraflow_shared.errors import ErrorCode, LoraflowError
+from safetensors import safe_open
+
+from loraflow_diffusion import s3_transfer
+from loraflow_diffusion.families import (
+    ModelFamily,
+    SupportedPipeline,
+    family_for_checkpoint_keys,
+    family_for_class_name,
+    supported_class_names,
+)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+_MAX_REASON_CHARS = 400  # the whole failure file must fit SageMaker's 1 KiB FailureReason
+
+logger = logging.getLogger(__name__)
+
+
+class _Unloadable(Exception):
+    """A reason, worded for the user, why a reference cannot be loaded."""
+
+
+def load_pipeline(
+    ref: str, *, device: torch.device, dtype: torch.dtype, cache_dir: Path
+) -> SupportedPipeline:
+    try:
+        pipe = _load(ref, dtype, cache_dir)
+    except Exception as exc:
+        logger.exception("loading base model %r failed", ref)
+        raise LoraflowError(
+            ErrorCode.MODEL_LOAD_FAILED, f"cannot load base model {ref!r}: {_reason(exc)}"
+        ) from exc
+    pipe.set_progress_bar_config(disable=True)
+    logger.info("loaded base model %r as %s", ref, type(pipe).__name__)
+    # Every loader below picks the class from a family, so the pipeline is one of theirs.
+    return cast(SupportedPipeline, pipe.to(device))
+
+
+def _load(ref: str, dtype: torch.dtype, cache_dir: Path) -> DiffusionPipeline:
+    if ref.startswith("s3://"):
+        return _load_local(_fetch_from_s3(ref, cache_dir), dtype)
+    path = Path(ref).expanduser()
+    if path.exists():
+        return _load_local(path, dtype)
+    if ref.lower().endswith(SINGLE_FILE_SUFFIXES) or ref.startswith(("/", ".", "~")):
+        raise _Unloadable("no such file or directory")
+    try:
+        validate_repo_id(ref)
+    except HFValidationError as exc:
+        raise _Unloadable("not a local path, an s3:// URI or a Hugging Face model id") from exc
+    return _load_diffusers(ref, dtype, cache_dir=cache_dir, local_files_only=_hub_offline())
+
+
+def _load_local(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise _Unloadable("the folder has no model_index.json (not a diffusers pipeline)")
+        return _load_diffusers(str(path), dtype)
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return _load_single_file(path, dtype)
+    raise _Unloadable(f"{path.name!r} is neither a diffusers folder nor a .safetensors/.ckpt file")
+
+
+def _load_diffusers(ref: str, dtype: torch.dtype, **hub_kwargs: Any) -> DiffusionPipeline:
+    # model_index.json first: an unsupported family fails before gigabytes of weights are fetched.
+    index, _ = DiffusionPipeline.load_config(ref, return_unused_kwargs=True, **hub_kwargs)
+    class_name = str(index.get("_class_name", ""))
+    family = family_for_class_name(class_name)
+    if family is None:
+        raise _Unloadable(
+            f"pipeline class {class_name!r} is not supported (supported: {supported_class_names()})"
+        )
+    return family.pipeline_class.from_pretrained(ref, dtype=dtype, **family.load_kwargs, **hub_kwargs)
+
+
+def _load_single_file(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
+    family = _single_file_family(path)
+    # The original (LDM) layout carries no configs: diffusers fetches them from the Hub (cached after).
+    return family.pipeline_class.from_single_file(
+        str(path), dtype=dtype, local_files_only=_hub_offline(), **family.load_kwargs
+    )
+
+
+def _single_file_family(path: Path) -> ModelFamily:
+    keys = _checkpoint_keys(path)
+    family = family_for_checkpoint_keys(keys)
+    if family is None:
+        raise _Unloadable("the checkpoint is neither Stable Diffusion 1.x/2.x nor SDXL (unrecognised keys)")
+    return family
+
+
+def _checkpoint_keys(path: Path) -> Collection[str]:
+    if path.suffix.lower() == ".safetensors":
+        with safe_open(str(path), framework="pt") as checkpoint:
+            return set(checkpoint.keys())
+    # weights_only: a .ckpt is a pickle, and pickles from strangers must not run code.
+    loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict):
+        raise _Unloadable("the .ckpt file holds no state dict")
+    return set(state)
+
+
+def _fetch_from_s3(uri: str, cache_dir: Path) -> Path:
+    """Download once: the cache entry, keyed by the URI's hash, appears (by rename) only when complete."""
+    entry = cache_dir / f"s3-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
+    file_name = uri.rstrip("/").rsplit("/", 1)[-1]
+    is_single_file = uri.lower().endswith(SINGLE_FILE_SUFFIXES)
+    local = entry / file_name if is_single_file else entry
+    if entry.exists():
+        logger.info("using cached %s from %s", uri, entry)
+        return local
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_dir))
+    try:
+        if is_single_file:
+            s3_transfer.download_object(uri, staging / file_name)
+        else:
+            s3_transfer.download_prefix(uri, staging)
+        (staging / "source.json").write_text(json.dumps({"uri": uri}), encoding="utf-8")
+        try:
+            staging.rename(entry)
+        except OSError:
+            if not entry.exists():  # not a concurrent download that finished first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return local
+
+
+def _hub_offline() -> bool:
+    # Read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import.
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: our own reasons as they are, library errors prefixed with their type."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    reason = text if isinstance(exc, _Unloadable) else f"{type(exc).__name__}: {text or 'no details'}"
+    return reason if len(reason) <= _MAX_REASON_CHARS else reason[: _MAX_REASON_CHARS - 1] + "…"

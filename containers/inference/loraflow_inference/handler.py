@@ -1,0 +1,158 @@
+"""Render a job's previews: base pipeline (cached) + the job's LoRA, one PNG per prompt, to S3.
+
+No HTTP here: `server.py` wraps this for SageMaker. One render at a time per process: a pipeline
+with a LoRA applied is shared state, and the LoRA is always unloaded before the next job.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import logging
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from loraflow_diffusion import s3_transfer
+from loraflow_diffusion.device import pick_device, pick_dtype
+from loraflow_diffusion.families import SupportedPipeline
+from loraflow_diffusion.models import load_pipeline
+from loraflow_shared.contracts import PreviewRequest, PreviewResponse, PreviewResult
+from loraflow_shared.errors import ErrorCode, LoraflowError
+from PIL import Image
+
+from loraflow_inference.settings import InferenceSettings
+
+ADAPTER_NAME = "job_lora"
+PipelineLoader = Callable[[str], SupportedPipeline]
+
+logger = logging.getLogger(__name__)
+
+
+class PreviewRenderer:
+    def __init__(self, loader: PipelineLoader, max_cached_pipelines: int = 1) -> None:
+        self._loader = loader
+        self._max_cached = max_cached_pipelines
+        self._pipelines: OrderedDict[str, SupportedPipeline] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: InferenceSettings) -> PreviewRenderer:
+        device = pick_device()
+        dtype = pick_dtype(device, settings.precision)
+
+        def loader(ref: str) -> SupportedPipeline:
+            return load_pipeline(ref, device=device, dtype=dtype, cache_dir=settings.model_cache_dir)
+
+        return cls(loader, settings.max_cached_pipelines)
+
+    def render(self, request: PreviewRequest) -> PreviewResponse:
+        with self._lock:
+            pipe = self.pipeline(request.base_model)
+            with tempfile.TemporaryDirectory(prefix="loraflow-lora-") as folder:
+                lora_file = _download_lora(request.lora_s3_uri, Path(folder))
+                images = self._render_with_lora(pipe, lora_file, request)
+        prefix = request.output_s3_prefix.rstrip("/") + "/"  # `.../previews` and `.../previews/` alike
+        previews = []
+        for index, (prompt, image) in enumerate(zip(request.prompts, images, strict=True)):
+            uri = f"{prefix}{index}.png"
+            _upload_png(image, uri)
+            previews.append(PreviewResult(prompt=prompt, s3_uri=uri))
+        return PreviewResponse(job_id=request.job_id, previews=previews)
+
+    def pipeline(self, ref: str) -> SupportedPipeline:
+        """The cached pipeline for `ref`, loading it (after evicting the least recently used) if needed.
+
+        Not locked by itself: `render` calls it under the renderer's lock.
+        """
+        if ref in self._pipelines:
+            self._pipelines.move_to_end(ref)
+            return self._pipelines[ref]
+        while len(self._pipelines) >= self._max_cached:
+            self._evict(next(iter(self._pipelines)))
+        pipe = self._loader(ref)  # raises MODEL_LOAD_FAILED
+        self._pipelines[ref] = pipe
+        return pipe
+
+    @property
+    def cached_models(self) -> list[str]:
+        """References of the loaded pipelines, least recently used first."""
+        return list(self._pipelines)
+
+    def _evict(self, ref: str) -> None:
+        del self._pipelines[ref]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _render_with_lora(
+        self, pipe: SupportedPipeline, lora_file: Path, request: PreviewRequest
+    ) -> list[Image.Image]:
+        try:
+            try:
+                pipe.load_lora_weights(
+                    str(lora_file.parent), weight_name=lora_file.name, adapter_name=ADAPTER_NAME
+                )
+            except Exception as exc:
+                what = f"LoRA {request.lora_s3_uri} does not fit base model {request.base_model!r}"
+                raise _preview_failed(what, exc) from exc
+            return render_prompts(pipe, request.prompts, request.steps, request.resolution, request.seed)
+        finally:
+            self._unload_lora(pipe, request.base_model)
+
+    def _unload_lora(self, pipe: SupportedPipeline, ref: str) -> None:
+        try:
+            pipe.unload_lora_weights()
+        except Exception:
+            # A pipeline in an unknown state must not serve the next job.
+            logger.exception("unloading the LoRA failed: dropping pipeline %r", ref)
+            self._evict(ref)
+
+
+def render_prompts(
+    pipe: SupportedPipeline, prompts: list[str], steps: int, resolution: int, seed: int
+) -> list[Image.Image]:
+    """One image per prompt; prompt i uses seed + i on a CPU generator (same picture on any device)."""
+    images = []
+    for index, prompt in enumerate(prompts):
+        try:
+            result = pipe(
+                prompt,
+                num_inference_steps=steps,
+                height=resolution,
+                width=resolution,
+                generator=torch.Generator("cpu").manual_seed(seed + index),
+            )
+        except Exception as exc:
+            raise _preview_failed(f"rendering prompt {index} ({prompt!r}) failed", exc) from exc
+        images.append(result.images[0])
+    return images
+
+
+def _download_lora(uri: str, folder: Path) -> Path:
+    name = uri.rsplit("/", 1)[-1]
+    if not name.endswith(".safetensors"):
+        raise LoraflowError(ErrorCode.PREVIEW_FAILED, f"LoRA URI {uri} does not name a .safetensors file")
+    try:
+        return s3_transfer.download_object(uri, folder / name)
+    except Exception as exc:
+        raise _preview_failed(f"cannot download LoRA {uri}", exc) from exc
+
+
+def _upload_png(image: Image.Image, uri: str) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    try:
+        s3_transfer.upload_bytes(buffer.getvalue(), uri, content_type="image/png")
+    except Exception as exc:
+        raise _preview_failed(f"cannot upload preview to {uri}", exc) from exc
+
+
+def _preview_failed(what: str, exc: Exception) -> LoraflowError:
+    logger.error("%s", what, exc_info=exc)
+    lines = str(exc).strip().splitlines()
+    detail = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return LoraflowError(ErrorCode.PREVIEW_FAILED, f"{what}: {detail}")

@@ -1,0 +1,94 @@
+"""Helpers for the container tests (a module with a unique name: every test folder has a conftest)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+REGION = "us-east-1"
+CONFIG_FILE = "config.toml"
+TRAIN_STEPS = 12  # logs at step 10 and at the end
+# Two subsets: 3 images x 3 repeats and 4 images x 2 repeats = 17 samples per epoch.
+SUBSETS = {"3_ohwx": 3, "2_sks dog": 4}
+CONFIG_TOML = f"""\
+[model_arguments]
+pretrained_model_name_or_path = "ignored: the base_model hyperparameter decides"
+
+[training_arguments]
+resolution = 64
+max_train_steps = {TRAIN_STEPS}
+train_batch_size = 2
+learning_rate = 1e-2
+seed = 3
+mixed_precision = "bf16"
+cache_latents = true
+
+[network_arguments]
+network_dim = 4
+network_alpha = 2  # not the rank: the saved LoRA must carry it
+"""
+
+
+def write_dataset(root: Path, seed: int = 0) -> Path:
+    """A kohya dataset: 2 subset folders of 64-96 px generated images, a caption for the first of each."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for folder, count in SUBSETS.items():
+        (root / folder).mkdir()
+        for index in range(count):
+            pixels = rng.integers(0, 255, size=(96, 80, 3), dtype=np.uint8)  # not square: exercises the crop
+            image = Image.fromarray(pixels, "RGB")
+            ImageDraw.Draw(image).ellipse((16, 16, 64, 64), fill=(220, 40, 40))
+            image.save(root / folder / f"img{index}.png")
+        (root / folder / "img0.txt").write_text(f"{folder.split('_', 1)[1]}, a red circle", encoding="utf-8")
+    (root / CONFIG_FILE).write_text(CONFIG_TOML, encoding="utf-8")
+    return root
+
+
+@dataclass(frozen=True)
+class SageMakerDirs:
+    root: Path
+    dataset: Path
+    model: Path
+    output: Path
+
+    def env(self) -> dict[str, str]:
+        """The variables the local cloud sets for a training job."""
+        return {
+            "SM_INPUT_DIR": str(self.root / "input"),
+            "SM_INPUT_CONFIG_DIR": str(self.root / "input" / "config"),
+            "SM_CHANNEL_DATASET": str(self.dataset),
+            "SM_MODEL_DIR": str(self.model),
+            "SM_OUTPUT_DIR": str(self.output),
+            "SM_OUTPUT_DATA_DIR": str(self.output / "data"),
+            "SM_CHECKPOINT_DIR": str(self.root / "checkpoints"),
+        }
+
+    @property
+    def failure(self) -> dict[str, str]:
+        return json.loads((self.output / "failure").read_text(encoding="utf-8"))
+
+
+def make_sagemaker_dirs(root: Path, base_model: str, dataset_seed: int = 0) -> SageMakerDirs:
+    dirs = SageMakerDirs(
+        root,
+        write_dataset(root / "input" / "data" / "dataset", dataset_seed),
+        root / "model",
+        root / "output",
+    )
+    config_dir = root / "input" / "config"
+    config_dir.mkdir(parents=True)
+    hyperparameters = {"config_file": CONFIG_FILE, "base_model": base_model, "job_id": "job-1"}
+    (config_dir / "hyperparameters.json").write_text(json.dumps(hyperparameters), encoding="utf-8")
+    return dirs
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    dirs: SageMakerDirs
+    exit_code: int
+    stdout: str
