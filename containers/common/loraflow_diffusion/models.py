@@ -3,6 +3,11 @@
 References: a local diffusers folder; a local `.safetensors`/`.ckpt` single file; `s3://bucket/prefix/`
 (a diffusers folder) or `s3://bucket/key.safetensors|.ckpt`, downloaded once into the cache; otherwise a
 Hugging Face model id. Every failure becomes one `MODEL_LOAD_FAILED` naming the reference and the reason.
+
+A single file (original LDM layout) carries no configs. With a diffusers config folder beside it,
+`<name>.config/` (see `single_file`; on S3 the `<name>.config/` prefix beside the object), it loads offline
+and that folder's `model_index.json` names the family. Without one, diffusers recognises an SD 1.x/2.x or
+SDXL checkpoint by its keys and fetches the matching configs from the Hugging Face Hub (cached after).
 """
 
 from __future__ import annotations
@@ -13,18 +18,19 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from loraflow_shared.errors import ErrorCode, LoraflowError
 from safetensors import safe_open
 
-from loraflow_diffusion import s3_transfer
+from loraflow_diffusion import s3_transfer, single_file
 from loraflow_diffusion.families import (
     ModelFamily,
     SupportedPipeline,
@@ -32,8 +38,8 @@ from loraflow_diffusion.families import (
     family_for_class_name,
     supported_class_names,
 )
+from loraflow_diffusion.single_file import SINGLE_FILE_SUFFIXES
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 _MAX_REASON_CHARS = 400  # the whole failure file must fit SageMaker's 1 KiB FailureReason
 
 logger = logging.getLogger(__name__)
@@ -61,10 +67,10 @@ def load_pipeline(
 
 def _load(ref: str, dtype: torch.dtype, cache_dir: Path) -> DiffusionPipeline:
     if ref.startswith("s3://"):
-        return _load_local(_fetch_from_s3(ref, cache_dir), dtype)
+        return _load_local(_fetch_from_s3(ref, cache_dir), dtype, cache_dir)
     path = Path(ref).expanduser()
     if path.exists():
-        return _load_local(path, dtype)
+        return _load_local(path, dtype, cache_dir)
     if ref.lower().endswith(SINGLE_FILE_SUFFIXES) or ref.startswith(("/", ".", "~")):
         raise _Unloadable("no such file or directory")
     try:
@@ -74,18 +80,23 @@ def _load(ref: str, dtype: torch.dtype, cache_dir: Path) -> DiffusionPipeline:
     return _load_diffusers(ref, dtype, cache_dir=cache_dir, local_files_only=_hub_offline())
 
 
-def _load_local(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
+def _load_local(path: Path, dtype: torch.dtype, cache_dir: Path) -> DiffusionPipeline:
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise _Unloadable("the folder has no model_index.json (not a diffusers pipeline)")
         return _load_diffusers(str(path), dtype)
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        return _load_single_file(path, dtype)
+        return _load_single_file(path, dtype, cache_dir)
     raise _Unloadable(f"{path.name!r} is neither a diffusers folder nor a .safetensors/.ckpt file")
 
 
 def _load_diffusers(ref: str, dtype: torch.dtype, **hub_kwargs: Any) -> DiffusionPipeline:
     # model_index.json first: an unsupported family fails before gigabytes of weights are fetched.
+    family = _family_from_model_index(ref, **hub_kwargs)
+    return family.pipeline_class.from_pretrained(ref, dtype=dtype, **family.load_kwargs, **hub_kwargs)
+
+
+def _family_from_model_index(ref: str, **hub_kwargs: Any) -> ModelFamily:
     index, _ = DiffusionPipeline.load_config(ref, return_unused_kwargs=True, **hub_kwargs)
     class_name = str(index.get("_class_name", ""))
     family = family_for_class_name(class_name)
@@ -93,22 +104,78 @@ def _load_diffusers(ref: str, dtype: torch.dtype, **hub_kwargs: Any) -> Diffusio
         raise _Unloadable(
             f"pipeline class {class_name!r} is not supported (supported: {supported_class_names()})"
         )
-    return family.pipeline_class.from_pretrained(ref, dtype=dtype, **family.load_kwargs, **hub_kwargs)
+    return family
 
 
-def _load_single_file(path: Path, dtype: torch.dtype) -> DiffusionPipeline:
+def _load_single_file(path: Path, dtype: torch.dtype, cache_dir: Path) -> DiffusionPipeline:
+    config_dir = single_file.config_dir_for(path)
+    if config_dir.is_dir():
+        pipe = _load_single_file_with_config(path, config_dir, dtype)
+    else:
+        pipe = _load_single_file_from_hub_config(path, dtype, cache_dir)
+    _require_every_weight(pipe)
+    return pipe
+
+
+def _load_single_file_with_config(path: Path, config_dir: Path, dtype: torch.dtype) -> DiffusionPipeline:
+    """The offline path: the configs beside the checkpoint, not its keys, decide the family and shapes."""
+    if not (config_dir / "model_index.json").is_file():
+        raise _Unloadable(f"the config folder {config_dir.name!r} has no model_index.json")
+    family = _family_from_model_index(str(config_dir))
+    with _naming_unfilled_weights():
+        return family.pipeline_class.from_single_file(
+            str(path), config=str(config_dir), local_files_only=True, dtype=dtype, **family.load_kwargs
+        )
+
+
+def _load_single_file_from_hub_config(path: Path, dtype: torch.dtype, cache_dir: Path) -> DiffusionPipeline:
     family = _single_file_family(path)
-    # The original (LDM) layout carries no configs: diffusers fetches them from the Hub (cached after).
-    return family.pipeline_class.from_single_file(
-        str(path), dtype=dtype, local_files_only=_hub_offline(), **family.load_kwargs
-    )
+    try:
+        with _naming_unfilled_weights():
+            return family.pipeline_class.from_single_file(
+                str(path),
+                dtype=dtype,
+                cache_dir=cache_dir,
+                local_files_only=_hub_offline(),
+                **family.load_kwargs,
+            )
+    except LocalEntryNotFoundError as exc:
+        config_dir = single_file.config_dir_name(path.name)
+        raise _Unloadable(
+            "its configs must come from the Hugging Face Hub, which is offline or unreachable and has no"
+            f" cached copy: put a diffusers config folder beside it as {config_dir!r}"
+        ) from exc
+
+
+@contextmanager
+def _naming_unfilled_weights() -> Iterator[None]:
+    # diffusers builds models on the meta device and fills them from the checkpoint; moving a weight the
+    # checkpoint did not hold fails with torch's "Cannot copy out of meta tensor".
+    try:
+        yield
+    except NotImplementedError as exc:
+        raise _Unloadable(f"the checkpoint lacks weights its config declares ({_reason(exc)})") from exc
+
+
+def _require_every_weight(pipe: DiffusionPipeline) -> None:
+    """diffusers loads a text encoder the checkpoint fills only in part: the rest stays on the meta device."""
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            unfilled = [param for param, value in component.named_parameters() if value.is_meta]
+            if unfilled:
+                raise _Unloadable(
+                    f"the checkpoint lacks {len(unfilled)} weights of the {name}, e.g. {unfilled[0]!r}"
+                )
 
 
 def _single_file_family(path: Path) -> ModelFamily:
     keys = _checkpoint_keys(path)
     family = family_for_checkpoint_keys(keys)
     if family is None:
-        raise _Unloadable("the checkpoint is neither Stable Diffusion 1.x/2.x nor SDXL (unrecognised keys)")
+        raise _Unloadable(
+            "the checkpoint is neither Stable Diffusion 1.x/2.x nor SDXL (unrecognised keys); another model"
+            f" loads with its diffusers config folder beside it as {single_file.config_dir_name(path.name)!r}"
+        )
     return family
 
 
@@ -138,6 +205,7 @@ def _fetch_from_s3(uri: str, cache_dir: Path) -> Path:
     try:
         if is_single_file:
             s3_transfer.download_object(uri, staging / file_name)
+            _download_config_beside(uri, staging / single_file.config_dir_name(file_name))
         else:
             s3_transfer.download_prefix(uri, staging)
         (staging / "source.json").write_text(json.dumps({"uri": uri}), encoding="utf-8")
@@ -149,6 +217,17 @@ def _fetch_from_s3(uri: str, cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return local
+
+
+def _download_config_beside(checkpoint_uri: str, dest: Path) -> None:
+    """The optional `<name>.config/` prefix beside an S3 checkpoint (see `single_file`)."""
+    config_uri = f"{checkpoint_uri.rsplit('/', 1)[0]}/{dest.name}/"
+    try:
+        count = s3_transfer.download_prefix(config_uri, dest)
+    except FileNotFoundError:
+        logger.info("no diffusers config at %s: the checkpoint's keys will decide its configs", config_uri)
+        return
+    logger.info("downloaded %d config files from %s", count, config_uri)
 
 
 def _hub_offline() -> bool:
