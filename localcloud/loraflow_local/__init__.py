@@ -1,0 +1,1 @@
+"""loraflow's embedded local cloud: the real template, ASL, handlers and containers on moto."""

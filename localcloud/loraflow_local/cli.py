@@ -1,0 +1,132 @@
+"""The `loraflow` command.
+
+loraflow local up --state-dir DIR [--aws-port N] [--api-port N] [--settle-seconds S] [--parameter K=V ...]
+loraflow validate PATH          # a dataset folder on disk, with the same rules as an upload
+loraflow demo [--output DIR]    # the whole pipeline on a generated dataset
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from loraflow_local.intrinsics import TemplateError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "urllib3", "werkzeug"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "local":
+        return _local_up(args)
+    if args.command == "validate":
+        return _validate(Path(args.path))
+    from loraflow_local.demo import run_demo  # imported late: it pulls in the whole local cloud
+
+    return run_demo(Path(args.output), Path(args.state_dir) if args.state_dir else None)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraflow", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    local = commands.add_parser("local", help="the embedded local cloud")
+    local_commands = local.add_subparsers(dest="action", required=True)
+    up = local_commands.add_parser("up", help="run template.yaml locally until Ctrl-C")
+    up.add_argument("--state-dir", required=True, help="where endpoints.json, logs and job folders go")
+    up.add_argument("--aws-port", type=int, default=0, help="moto's port (default: a free one)")
+    up.add_argument("--api-port", type=int, default=0, help="the REST API's port (default: a free one)")
+    up.add_argument("--settle-seconds", type=int, help="override the SettleSeconds parameter (default 3)")
+    up.add_argument(
+        "--parameter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a template parameter (repeatable)",
+    )
+    up.add_argument(
+        "--template", type=Path, help="the SAM template (default: the repository's template.yaml)"
+    )
+    validate = commands.add_parser("validate", help="check a dataset folder with the upload rules")
+    validate.add_argument("path", help="the dataset folder, e.g. ./mydata/0001-dataset")
+    demo = commands.add_parser("demo", help="run the whole pipeline on a generated sample dataset")
+    demo.add_argument("--output", default="demo-output", help="where the LoRA, previews and job JSON go")
+    demo.add_argument("--state-dir", help="keep the local cloud's state here (default: a temporary folder)")
+    return parser
+
+
+def _local_up(args: argparse.Namespace) -> int:
+    from loraflow_local.cloud import LocalCloud  # imported late: moto and the template stack are slow to load
+
+    overrides = dict(_key_value(item) for item in args.parameter)
+    if args.settle_seconds is not None:
+        overrides["SettleSeconds"] = str(args.settle_seconds)
+    cloud = LocalCloud(
+        args.state_dir,
+        aws_port=args.aws_port,
+        api_port=args.api_port,
+        parameter_overrides=overrides,
+        **({"template_path": args.template} if args.template else {}),
+    )
+    try:
+        endpoints = cloud.start()
+    except TemplateError as error:
+        print(f"loraflow: the template cannot run locally: {error}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    previous = {
+        signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        # stdout is the functions' log stream (CloudWatch's role); the summary goes to stderr.
+        summary = "\n".join(f"  {key}: {value}" for key, value in endpoints.items())
+        location = Path(args.state_dir) / "endpoints.json"
+        print(f"local cloud running (Ctrl-C stops it); {location}:\n{summary}", file=sys.stderr, flush=True)
+        stop.wait()
+    finally:
+        cloud.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, separator, value = item.partition("=")
+    if not separator or not key:
+        raise SystemExit(f"loraflow: --parameter expects KEY=VALUE, got {item!r}")
+    return key, value
+
+
+def _validate(path: Path) -> int:
+    from loraflow_shared.dataset.local import list_local_objects, local_directory_reader
+    from loraflow_shared.dataset.validate import validate_dataset
+
+    folder = path.resolve()
+    if not folder.is_dir():
+        print(f"loraflow: {path} is not a folder", file=sys.stderr)
+        return 2
+    report = validate_dataset(
+        folder.name, list_local_objects(folder.parent, folder.name), local_directory_reader(folder.parent)
+    )
+    for label, problems in (("error", report.errors), ("warning", report.warnings)):
+        for problem in problems:
+            print(f"{label:7} {problem.code.value:20} {problem.path or '.'}: {problem.message}")
+    subsets = (
+        ", ".join(f"{s.folder} ({s.image_count} images x {s.repeats})" for s in report.subsets) or "none"
+    )
+    verdict = "accepted" if report.accepted else "rejected"
+    print(
+        f"{report.dataset}: {verdict}; {report.image_count} images; subsets: {subsets}; "
+        f"config: {report.config_file or 'none'}"
+    )
+    return 0 if report.accepted else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
