@@ -29,7 +29,9 @@ def run_demo(output: Path, state_dir: Path | None = None) -> int:
             queue_url = client.subscribe_notifications("loraflow-demo-notifications")
             dataset = write_sample_dataset(work / "data")
             keys = client.upload_dataset(dataset, SAMPLE_DATASET_ID)
-            print(f"uploaded {len(keys)} files to s3://{cloud.endpoints['dataset_bucket']}/{SAMPLE_DATASET_ID}/")
+            print(
+                f"uploaded {len(keys)} files to s3://{cloud.endpoints['dataset_bucket']}/{SAMPLE_DATASET_ID}/"
+            )
             notification = _wait_for_terminal(client, queue_url)
             if notification is None:
                 print(f"no terminal notification within {JOB_TIMEOUT_S:.0f}s")
@@ -71,8 +73,10 @@ def _print_summary(job: dict[str, Any], output: Path, seconds: float) -> None:
     training = job.get("training") or {}
     print(f"job {job['job_id']} for dataset {job['dataset']}: {job['status']} in {seconds:.1f}s")
     if training:
-        print(f"  training: {training.get('steps')} steps, final loss {training.get('final_loss')}, "
-              f"{training.get('seconds')}s")
+        print(
+            f"  training: {training.get('steps')} steps, final loss {training.get('final_loss')}, "
+            f"{training.get('seconds')}s"
+        )
     for problem in job.get("errors") or []:
         print(f"  error {problem['code']} {problem['path']}: {problem['message']}")
     for problem in job.get("warnings") or []:

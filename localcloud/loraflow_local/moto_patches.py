@@ -22,11 +22,12 @@ import datetime
 import json
 import threading
 import uuid
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import moto
 from moto.awslambda.models import LambdaFunction, lambda_backends
 from moto.core.common_types import TYPE_RESPONSE
+from moto.core.responses import EmptyResult
 from moto.core.utils import utcnow
 from moto.sagemaker.exceptions import ResourceInUseException, ValidationError
 from moto.sagemaker.models import (
@@ -41,6 +42,8 @@ from moto.stepfunctions.parser.asl.component.state.exec.state_task import state_
 from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service import (
     StateTaskService,
 )
+from moto.stepfunctions.parser.models import StepFunctionsParserBackend
+from moto.stepfunctions.responses import StepFunctionResponse
 
 from loraflow_local.lambda_runtime import error_payload
 from loraflow_local.sagemaker_async import AsyncEndpointConfig, AsyncRequest
@@ -50,7 +53,8 @@ from loraflow_local.sfn_sagemaker import StateTaskServiceSageMaker
 
 EXPECTED_MOTO_VERSION: Final[str] = "5.2.5"
 
-_originals: dict[str, Any] = {}
+_originals: dict[str, Any] = {}  # kept after release: a call already inside a patch still finds them
+_installed = False
 _bound: LocalServices | None = None
 _apply_lock = threading.Lock()
 
@@ -61,22 +65,27 @@ class LocalCloudNotRunningError(RuntimeError):
 
 def apply(services: LocalServices) -> None:
     """Install the patches (once per process) and route them to `services`."""
-    global _bound
+    global _bound, _installed
     if moto.__version__ != EXPECTED_MOTO_VERSION:
         raise RuntimeError(
             f"loraflow's local cloud patches moto {EXPECTED_MOTO_VERSION} internals, but moto "
             f"{moto.__version__} is installed: install moto=={EXPECTED_MOTO_VERSION} or re-check the patches"
         )
     with _apply_lock:
-        if not _originals:
+        if not _installed:
             _install()
+            _installed = True
         _bound = services
 
 
 def release() -> None:
-    """Unbind the services; the patches stay, and fail clearly until `apply` binds new ones."""
-    global _bound
-    _bound = None
+    """Unbind the services and put moto's originals back: moto used later in this process is upstream moto."""
+    global _bound, _installed
+    with _apply_lock:
+        _bound = None
+        if _installed:
+            _uninstall()
+            _installed = False
 
 
 def _services() -> LocalServices:
@@ -98,6 +107,18 @@ def _install() -> None:
     SageMakerRuntimeResponse.invoke_endpoint_async = _invoke_endpoint_async  # type: ignore[method-assign]
     _originals["validate_instance_type"] = FakeEndpointConfig.validate_instance_type
     FakeEndpointConfig.validate_instance_type = _validate_instance_type  # type: ignore[method-assign]
+    _originals["send_task_failure"] = StepFunctionResponse.send_task_failure
+    StepFunctionResponse.send_task_failure = _send_task_failure  # type: ignore[method-assign]
+
+
+def _uninstall() -> None:
+    LambdaFunction._invoke_lambda = _originals["invoke_lambda"]  # type: ignore[method-assign]
+    Subscription.publish = _originals["sns_publish"]  # type: ignore[method-assign]
+    state_task_factory.state_task_service_for = _originals["state_task_service_for"]
+    SageMakerModelBackend.create_training_job = _originals["create_training_job"]  # type: ignore[method-assign]
+    SageMakerRuntimeResponse.invoke_endpoint_async = _originals["invoke_endpoint_async"]  # type: ignore[method-assign]
+    FakeEndpointConfig.validate_instance_type = _originals["validate_instance_type"]  # type: ignore[method-assign]
+    StepFunctionResponse.send_task_failure = _originals["send_task_failure"]  # type: ignore[method-assign]
 
 
 # 1. Lambda ---------------------------------------------------------------------------------------------
@@ -275,3 +296,17 @@ def _endpoint_async_config(backend: SageMakerModelBackend, endpoint_name: str) -
 def _validate_instance_type(self: FakeEndpointConfig, instance_type: str) -> None:
     if not instance_type.startswith("ml."):
         raise ValidationError(f"Value '{instance_type}' at 'instanceType' failed to satisfy constraint: ml.*")
+
+
+# 7. SendTaskFailure's cause ---------------------------------------------------------------------------------
+
+
+def _send_task_failure(self: StepFunctionResponse) -> Any:
+    """moto's response handler drops `cause`; the executing backend takes it. Without it a failed preview's
+    reason never reaches the job (the callback sends it as the cause)."""
+    # With execute_state_machine on, the backend is the interpreter's, which accepts a cause.
+    backend = cast(StepFunctionsParserBackend, self.stepfunction_backend)
+    backend.send_task_failure(
+        self._get_param("taskToken"), error=self._get_param("error"), cause=self._get_param("cause")
+    )
+    return EmptyResult()

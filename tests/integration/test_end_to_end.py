@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
-from safetensors.torch import load_file
-
 from loraflow_local.client import TERMINAL_STATUSES, StackClient
 from loraflow_local.sample_dataset import CONFIG_NAME, SAMPLE_DATASET_ID, write_sample_dataset
+from PIL import Image
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +85,9 @@ def test_given_good_dataset_when_uploaded_then_job_completes_with_lora_and_previ
     assert job["training"]["final_loss"] > 0
     ignored = [w["message"] for w in job["warnings"] if w["code"] == "IGNORED_CONFIG_KEY"]
     assert any("cache_latents" in message for message in ignored), job["warnings"]
-    lora = outcomes["client"].download(job["artifacts"]["lora_diffusers_url"], outcomes["tmp"] / "lora.safetensors")
+    lora = outcomes["client"].download(
+        job["artifacts"]["lora_diffusers_url"], outcomes["tmp"] / "lora.safetensors"
+    )
     weights = load_file(str(lora))
     assert weights and all(key.startswith("unet.") for key in weights), list(weights)[:5]
     assert len(job["previews"]) >= 2

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import boto3
+from botocore.config import Config
 from loraflow_shared.contracts import ExecutionInput
 from loraflow_shared.dataset.objects import ObjectInfo, ObjectReader
+from loraflow_shared.dataset.validate import READ_THREADS
 from loraflow_shared.jobs.repository import JobRepository
 from loraflow_shared.notifications import Notifier
 from loraflow_shared.s3 import S3ObjectReader, list_objects
@@ -53,7 +55,8 @@ class StepFunctionsStarter:
 
 
 def build_ingestor(settings: IngestSettings) -> Ingestor:
-    s3 = boto3.client("s3")
+    # Validation reads images on READ_THREADS threads through this one client: one pooled connection each.
+    s3 = boto3.client("s3", config=Config(max_pool_connections=READ_THREADS))
     return Ingestor(
         repository=JobRepository(boto3.resource("dynamodb").Table(settings.jobs_table)),
         notifier=Notifier(boto3.client("sns"), settings.notification_topic_arn),

@@ -567,3 +567,67 @@ def test_given_running_training_and_endpoint_when_services_stop_then_processes_e
         "Stopped",
         "Stopped by the local cloud shutting down",
     )
+
+
+# 7. SendTaskFailure's cause -------------------------------------------------------------------------------
+
+
+def test_given_moto_sfn_responses_when_patched_then_send_task_failure_is_replaced(services: LocalServices):
+    from moto.stepfunctions.responses import StepFunctionResponse
+
+    assert StepFunctionResponse.send_task_failure is moto_patches._send_task_failure
+    assert list(inspect.signature(moto_patches._originals["send_task_failure"]).parameters) == ["self"]
+
+
+def test_given_waiting_task_when_failed_with_cause_then_catch_sees_error_and_cause(
+    services: LocalServices, client: Client
+):
+    sqs = client("sqs")
+    queue_url = sqs.create_queue(QueueName="tokens")["QueueUrl"]
+    definition = {
+        "StartAt": "Wait",
+        "States": {
+            "Wait": {
+                "Type": "Task",
+                "Resource": "arn:aws:states:::sqs:sendMessage.waitForTaskToken",
+                "Parameters": {"QueueUrl": queue_url, "MessageBody": {"token.$": "$$.Task.Token"}},
+                "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Caught"}],
+                "End": True,
+            },
+            "Caught": {"Type": "Pass", "End": True},
+        },
+    }
+    sfn = client("stepfunctions")
+    role = client("iam").create_role(RoleName="sfn-role", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    machine = sfn.create_state_machine(name="waiting", definition=json.dumps(definition), roleArn=role)
+    execution = sfn.start_execution(stateMachineArn=machine["stateMachineArn"], name="run-1", input="{}")
+    messages = sqs.receive_message(QueueUrl=queue_url, WaitTimeSeconds=10).get("Messages", [])
+    assert messages, "the task never sent its token"
+
+    sfn.send_task_failure(
+        taskToken=json.loads(messages[0]["Body"])["token"], error="PREVIEW_FAILED", cause="model exploded"
+    )
+
+    for _ in range(100):
+        described = sfn.describe_execution(executionArn=execution["executionArn"])
+        if described["status"] != "RUNNING":
+            break
+        import time
+
+        time.sleep(0.1)
+    assert described["status"] == "SUCCEEDED"
+    assert json.loads(described["output"])["error"] == {"Error": "PREVIEW_FAILED", "Cause": "model exploded"}
+
+
+def test_given_cloud_released_when_moto_used_then_upstream_methods_are_back(services: LocalServices):
+    from moto.stepfunctions.responses import StepFunctionResponse
+
+    moto_patches.release()
+    try:
+        assert LambdaFunction._invoke_lambda is moto_patches._originals["invoke_lambda"]
+        assert (
+            SageMakerRuntimeResponse.invoke_endpoint_async is moto_patches._originals["invoke_endpoint_async"]
+        )
+        assert StepFunctionResponse.send_task_failure is moto_patches._originals["send_task_failure"]
+    finally:
+        moto_patches.apply(services)

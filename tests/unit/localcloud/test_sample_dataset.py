@@ -2,13 +2,15 @@
 
 from pathlib import Path
 
+from loraflow_local.sample_dataset import SAMPLE_DATASET_ID, write_sample_dataset
 from loraflow_shared.dataset.local import list_local_objects, local_directory_reader
 from loraflow_shared.dataset.validate import validate_dataset
-from loraflow_local.sample_dataset import SAMPLE_DATASET_ID, write_sample_dataset
 
 
 def _validate(root: Path):
-    return validate_dataset(SAMPLE_DATASET_ID, list_local_objects(root, SAMPLE_DATASET_ID), local_directory_reader(root))
+    return validate_dataset(
+        SAMPLE_DATASET_ID, list_local_objects(root, SAMPLE_DATASET_ID), local_directory_reader(root)
+    )
 
 
 def test_given_sample_dataset_when_validated_then_accepted_with_two_subsets(tmp_path: Path) -> None:
@@ -17,7 +19,10 @@ def test_given_sample_dataset_when_validated_then_accepted_with_two_subsets(tmp_
     report = _validate(tmp_path)
 
     assert report.errors == []
-    assert [(s.folder, s.repeats, s.class_name) for s in report.subsets] == [("10_dwjz", 10, None), ("5_zqxj dog", 5, "dog")]
+    assert [(s.folder, s.repeats, s.class_name) for s in report.subsets] == [
+        ("10_dwjz", 10, None),
+        ("5_zqxj dog", 5, "dog"),
+    ]
     assert report.image_count == 9
     assert report.ignored_keys == ["cache_latents"]
     assert report.config is not None and report.config.max_train_steps == 30
