@@ -30,10 +30,15 @@ class ErrorCode(StrEnum):
     DUPLICATE_IMAGE = "DUPLICATE_IMAGE"
     IGNORED_CONFIG_KEY = "IGNORED_CONFIG_KEY"
     EXTENSION_MISMATCH = "EXTENSION_MISMATCH"
+    # training warnings (the LoRA is delivered anyway)
+    WEAK_LORA = "WEAK_LORA"  # its effect on the training prompts is negligible
+    SETTING_ADJUSTED = "SETTING_ADJUSTED"  # e.g. AdamW8bit without CUDA/bitsandbytes fell back to AdamW
     # job failures after acceptance
     MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
     TRAINING_FAILED = "TRAINING_FAILED"
     PREVIEW_FAILED = "PREVIEW_FAILED"
+    NAN_LOSS = "NAN_LOSS"  # non-finite loss: training stopped, no LoRA delivered
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"  # the message carries the memory plan that was tried
     INTERNAL_ERROR = "INTERNAL_ERROR"
     # API
     JOB_NOT_FOUND = "JOB_NOT_FOUND"
@@ -48,6 +53,8 @@ WARNING_CODES = frozenset(
         ErrorCode.DUPLICATE_IMAGE,
         ErrorCode.IGNORED_CONFIG_KEY,
         ErrorCode.EXTENSION_MISMATCH,
+        ErrorCode.WEAK_LORA,
+        ErrorCode.SETTING_ADJUSTED,
     }
 )
 
