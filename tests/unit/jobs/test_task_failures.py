@@ -80,11 +80,11 @@ def test_given_preview_failure_with_plain_reason_when_parsed_then_preview_failed
 
 def test_given_code_unknown_to_this_version_when_parsed_then_fallback_code_and_original_in_message() -> None:
     cause = json.dumps(
-        {"FailureReason": json.dumps({"code": "NAN_LOSS", "path": "", "message": "loss is nan"})}
+        {"FailureReason": json.dumps({"code": "GPU_ON_FIRE", "path": "", "message": "smoke seen"})}
     )
     [problem] = problems_from_task_failure("States.TaskFailed", cause, ErrorCode.TRAINING_FAILED)
     assert problem.code is ErrorCode.TRAINING_FAILED
-    assert problem.message == "NAN_LOSS: loss is nan"
+    assert problem.message == "GPU_ON_FIRE: smoke seen"
 
 
 @pytest.mark.parametrize("cause", ["", "   ", "{not json", "[1, 2, 3]", "null", '{"FailureReason": 5}'])
