@@ -24,7 +24,7 @@ learning_rate = 1e-3
 seed = 7
 mixed_precision = "no"
 output_name = "demo-lora"
-cache_latents = true          # a kohya key loraflow does not honour yet: reported as ignored
+xformers = true               # kohya key loraflow does not need (PyTorch SDPA is used): reported as ignored
 
 [network_arguments]
 network_dim = 4

@@ -76,22 +76,16 @@ def test_given_sectioned_kohya_config_when_parsed_then_loraflow_table_is_read() 
 def test_given_unknown_kohya_keys_when_parsed_then_listed_as_ignored_sorted() -> None:
     parsed = parse_config(SECTIONED_KOHYA, CONFIG_PATH)
 
-    assert parsed.ignored_keys == [
-        "cache_latents",
-        "datasets",
-        "network_module",
-        "optimizer_type",
-        "xformers",
-    ]
+    assert parsed.ignored_keys == ["datasets", "network_module", "xformers"]
 
 
 def test_given_ignored_keys_when_warnings_built_then_one_warning_per_key() -> None:
-    parsed = parse("xformers = true\noptimizer_type = 'AdamW'\n")
+    parsed = parse("xformers = true\nsave_model_as = 'safetensors'\n")
 
     warnings = ignored_key_warnings(parsed, CONFIG_PATH)
 
     assert [(w.code, w.path) for w in warnings] == [(ErrorCode.IGNORED_CONFIG_KEY, CONFIG_PATH)] * 2
-    assert [w.message.split(":")[0] for w in warnings] == ["optimizer_type", "xformers"]
+    assert [w.message.split(":")[0] for w in warnings] == ["save_model_as", "xformers"]
 
 
 def test_given_flat_config_when_parsed_then_same_keys_are_honoured() -> None:

@@ -24,7 +24,7 @@ def test_given_sample_dataset_when_validated_then_accepted_with_two_subsets(tmp_
         ("5_zqxj dog", 5, "dog"),
     ]
     assert report.image_count == 9
-    assert report.ignored_keys == ["cache_latents"]
+    assert report.ignored_keys == ["xformers"]
     assert report.config is not None and report.config.max_train_steps == 30
 
 

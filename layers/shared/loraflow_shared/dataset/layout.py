@@ -2,15 +2,19 @@
 
 A dataset is ``<dataset>/`` holding one kohya ``*.toml`` config at its root and subset folders
 ``<repeats>_<trigger>[ <class>]/`` (e.g. ``60_dwjz``, ``20_zqxj dog``) with images and captions
-directly inside. Paths here are relative to the dataset root and use ``/``.
+directly inside. Regularization (prior-preservation) subsets, kohya's ``reg_data_dir``, sit one
+level down in ``reg/<repeats>_<class>/``. A subset folder holding ``metadata.jsonl`` is a Hugging
+Face ``imagefolder``: its captions come from that file. Paths here are relative to the dataset root
+and use ``/``.
 """
 
 import posixpath
 import re
 from collections.abc import Iterable, Sequence
 from enum import StrEnum
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from loraflow_shared.errors import ErrorCode, LoraflowError
 
@@ -18,7 +22,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 # Order is precedence: when an image has both, the ``.txt`` caption is used.
 CAPTION_EXTENSIONS = (".txt", ".caption")
 CONFIG_EXTENSION = ".toml"
+REG_FOLDER = "reg"  # holds the regularization subsets
+METADATA_FILE = "metadata.jsonl"  # Hugging Face imagefolder captions
 FOLDER_FORM = "<repeats>_<trigger>[ <class>] (e.g. '60_dwjz' or '20_zqxj dog')"
+REG_FOLDER_FORM = f"{REG_FOLDER}/<repeats>_<class> (e.g. '{REG_FOLDER}/1_dog')"
 MAX_PREVIEW_PROMPTS = 8
 PROMPT_TEMPLATES = (
     "a photo of {subject}",
@@ -34,16 +41,22 @@ class FileKind(StrEnum):
     CONFIG = "config"
     IMAGE = "image"
     CAPTION = "caption"
+    METADATA = "metadata"  # a subset folder's metadata.jsonl
     UNEXPECTED = "unexpected"
 
 
 class Subset(BaseModel):
-    """A subset folder: its images are seen ``repeats`` times per epoch."""
+    """A subset folder: its images are seen ``repeats`` times per epoch.
+
+    ``folder`` is the path from the dataset root (``60_dwjz``, ``reg/1_dog``). A regularization
+    subset's name reads the same way: its caption words (kohya's class tokens) follow the ``_``.
+    """
 
     folder: str
     repeats: int
     trigger: str
     class_name: str | None = None
+    is_reg: bool = False
 
     @property
     def default_caption(self) -> str:
@@ -51,12 +64,15 @@ class Subset(BaseModel):
         return f"{self.trigger} {self.class_name}" if self.class_name else self.trigger
 
 
-def parse_subset_folder(name: str, max_repeats: int = 1000) -> Subset:
-    """Parse ``<repeats>_<trigger>[ <class>]``; raises BAD_FOLDER_NAME saying what is wrong."""
+def parse_subset_folder(folder: str, max_repeats: int = 1000) -> Subset:
+    """Parse ``<repeats>_<trigger>[ <class>]`` or ``reg/<repeats>_<class>``; raises BAD_FOLDER_NAME."""
+    is_reg = folder.startswith(f"{REG_FOLDER}/")
+    name = folder.removeprefix(f"{REG_FOLDER}/")
+    form = REG_FOLDER_FORM if is_reg else FOLDER_FORM
 
     def bad(reason: str) -> LoraflowError:
         return LoraflowError(
-            ErrorCode.BAD_FOLDER_NAME, f"folder {name!r} {reason}; expected {FOLDER_FORM}", name
+            ErrorCode.BAD_FOLDER_NAME, f"folder {folder!r} {reason}; expected {form}", folder
         )
 
     repeats_text, underscore, caption = name.partition("_")
@@ -74,7 +90,7 @@ def parse_subset_folder(name: str, max_repeats: int = 1000) -> Subset:
     class_name = parts[1].strip() if len(parts) > 1 else None
     if class_name is None and caption != trigger:
         raise bad("has a space after the trigger word but no class name")
-    return Subset(folder=name, repeats=repeats, trigger=trigger, class_name=class_name)
+    return Subset(folder=folder, repeats=repeats, trigger=trigger, class_name=class_name, is_reg=is_reg)
 
 
 def dataset_id(key: str) -> str:
@@ -133,44 +149,81 @@ def stem_of(rel_path: str) -> str:
 
 
 def classify(rel_path: str) -> FileKind:
-    """What a file is, from where it sits and its extension (content is checked elsewhere)."""
+    """What a file is, from where it sits and its name (content is checked elsewhere)."""
     segments = rel_path.split("/")
     if any(is_junk_segment(segment) for segment in segments):
         return FileKind.UNEXPECTED
     extension = extension_of(rel_path)
     if len(segments) == 1:
         return FileKind.CONFIG if extension == CONFIG_EXTENSION else FileKind.UNEXPECTED
-    if len(segments) == 2:
-        if extension in IMAGE_EXTENSIONS:
-            return FileKind.IMAGE
-        if extension in CAPTION_EXTENSIONS:
-            return FileKind.CAPTION
+    folder = subset_folder_of(rel_path)
+    if folder is None or len(segments) != folder.count("/") + 2:  # not directly inside its folder
+        return FileKind.UNEXPECTED
+    if segments[-1] == METADATA_FILE:
+        return FileKind.METADATA
+    if extension in IMAGE_EXTENSIONS:
+        return FileKind.IMAGE
+    if extension in CAPTION_EXTENSIONS:
+        return FileKind.CAPTION
     return FileKind.UNEXPECTED
 
 
 def subset_folder_of(rel_path: str) -> str | None:
-    """The top-level folder a path lies in, unless it is at the root or in a junk folder."""
-    top, slash, _ = rel_path.partition("/")
-    if not slash or not top or is_junk_segment(top):
+    """The subset folder a path lies in (``60_a``, ``reg/1_dog``), if any.
+
+    None at the root, in junk folders, and for files directly inside ``reg/``.
+    """
+    segments = rel_path.split("/")
+    top = segments[0]
+    if len(segments) < 2 or not top or is_junk_segment(top):
         return None
-    return top
+    if top != REG_FOLDER:
+        return top
+    if len(segments) < 3 or not segments[1] or is_junk_segment(segments[1]):
+        return None
+    return f"{REG_FOLDER}/{segments[1]}"
+
+
+class CaptionSource(BaseModel):
+    """Where an image's caption comes from.
+
+    ``metadata``: the image's line in ``path`` (a ``metadata.jsonl``), or the folder-name caption
+    when the file has no line for it; ``file``: the caption file ``path``; ``folder_name``: the
+    subset's ``default_caption``.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["metadata", "file", "folder_name"]
+    path: str | None = None
 
 
 class SubsetFiles(BaseModel):
-    """The files directly inside one top-level folder, with captions matched to images."""
+    """The files directly inside one subset folder, with captions matched to images."""
 
-    folder: str
+    folder: str  # from the dataset root: "60_dwjz", "reg/1_dog"
+    is_reg: bool = False
     images: list[str] = Field(default_factory=list)
-    captions: dict[str, str] = Field(default_factory=dict)  # image path -> caption path used
+    metadata_file: str | None = None  # "<folder>/metadata.jsonl": its captions win over caption files
+    captions: dict[str, str] = Field(default_factory=dict)  # image path -> caption file used
     orphan_captions: list[str] = Field(default_factory=list)  # no image with the same stem
-    shadowed_captions: dict[str, str] = Field(default_factory=dict)  # unused caption -> caption used
+    shadowed_captions: dict[str, str] = Field(default_factory=dict)  # unused caption -> file used instead
 
     def caption_for(self, image: str) -> str | None:
+        """The caption file used for ``image`` (never one shadowed by ``metadata.jsonl``)."""
         return self.captions.get(image)
+
+    def caption_source(self, image: str) -> CaptionSource:
+        if self.metadata_file is not None:
+            return CaptionSource(kind="metadata", path=self.metadata_file)
+        caption_file = self.captions.get(image)
+        if caption_file is not None:
+            return CaptionSource(kind="file", path=caption_file)
+        return CaptionSource(kind="folder_name")
 
 
 class DatasetFiles(BaseModel):
-    """A dataset's files sorted by role; every top-level folder appears in ``folders``."""
+    """A dataset's files sorted by role; every subset folder (training and reg) is in ``folders``."""
 
     config_files: list[str] = Field(default_factory=list)
     folders: dict[str, SubsetFiles] = Field(default_factory=dict)
@@ -190,9 +243,25 @@ class DatasetFiles(BaseModel):
     def image_count(self) -> int:
         return sum(len(files.images) for files in self.folders.values())
 
+    @property
+    def train_folders(self) -> list[SubsetFiles]:
+        return [files for files in self.folders.values() if not files.is_reg]
+
+    @property
+    def reg_folders(self) -> list[SubsetFiles]:
+        return [files for files in self.folders.values() if files.is_reg]
+
+    @property
+    def train_image_count(self) -> int:
+        return sum(len(files.images) for files in self.train_folders)
+
+    @property
+    def reg_image_count(self) -> int:
+        return sum(len(files.images) for files in self.reg_folders)
+
 
 def group_files(rel_paths: Iterable[str]) -> DatasetFiles:
-    """Sort relative paths into config, subset folders (images + matched captions) and the rest.
+    """Sort relative paths into config, subset folders (images, captions, metadata) and the rest.
 
     Paths ending in ``/`` are folder markers (S3 console "Create folder"): they only register
     their folder. Works the same on an S3 listing and on a local directory walk.
@@ -202,7 +271,8 @@ def group_files(rel_paths: Iterable[str]) -> DatasetFiles:
     for rel_path in sorted(rel_paths):
         folder = subset_folder_of(rel_path)
         if folder is not None and folder not in result.folders:
-            result.folders[folder] = SubsetFiles(folder=folder)
+            is_reg = folder.startswith(f"{REG_FOLDER}/")
+            result.folders[folder] = SubsetFiles(folder=folder, is_reg=is_reg)
         if rel_path.endswith("/"):
             continue
         kind = classify(rel_path)
@@ -212,6 +282,8 @@ def group_files(rel_paths: Iterable[str]) -> DatasetFiles:
             result.folders[folder].images.append(rel_path)
         elif kind is FileKind.CAPTION and folder is not None:
             captions_by_folder.setdefault(folder, []).append(rel_path)
+        elif kind is FileKind.METADATA and folder is not None:
+            result.folders[folder].metadata_file = rel_path
         else:
             result.unexpected.append(rel_path)
     for folder, captions in captions_by_folder.items():
@@ -220,6 +292,9 @@ def group_files(rel_paths: Iterable[str]) -> DatasetFiles:
 
 
 def _match_captions(files: SubsetFiles, captions: Sequence[str]) -> None:
+    if files.metadata_file is not None:  # metadata.jsonl wins: no caption file is used
+        files.shadowed_captions = dict.fromkeys(captions, files.metadata_file)
+        return
     precedence = {extension: rank for rank, extension in enumerate(CAPTION_EXTENSIONS)}
     best_by_stem: dict[str, str] = {}
     for caption in sorted(captions, key=lambda path: precedence[extension_of(path)]):
@@ -237,10 +312,10 @@ def _match_captions(files: SubsetFiles, captions: Sequence[str]) -> None:
 
 
 def default_preview_prompts(subsets: Sequence[Subset]) -> list[str]:
-    """A few preview prompts built from each subset's trigger and class, at most 8, no repeats."""
+    """A few preview prompts built from each training subset's trigger and class, at most 8, no repeats."""
     prompts: list[str] = []
     for template in PROMPT_TEMPLATES:
-        for subset in subsets:
+        for subset in (subset for subset in subsets if not subset.is_reg):
             prompt = template.format(subject=subset.default_caption)
             if prompt not in prompts:
                 prompts.append(prompt)

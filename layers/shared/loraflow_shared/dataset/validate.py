@@ -1,21 +1,21 @@
 """Validate an uploaded dataset from its listing plus a few small reads.
 
-Reads the config and captions whole, and each image's first ``HEAD_BYTES`` and last ``TAIL_BYTES``
-with ranged reads (each a round trip on S3, hence the thread pool). Every problem is collected,
-never only the first; errors reject the dataset, warnings do not. A failing reader (storage
-outage, object deleted meanwhile) raises: that is an infrastructure failure to retry, not a
-dataset problem.
+Reads the config, captions and ``metadata.jsonl`` files whole (each under a size cap), and each
+image's first ``HEAD_BYTES`` and last ``TAIL_BYTES`` with ranged reads (each a round trip on S3,
+hence the thread pool). Every problem is collected, never only the first; errors reject the
+dataset, warnings do not. A failing reader (storage outage, object deleted meanwhile) raises:
+that is an infrastructure failure to retry, not a dataset problem.
 """
 
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
-from loraflow_shared.dataset.config import ParsedConfig, TrainingConfig, ignored_key_warnings, parse_config
+from loraflow_shared.dataset.captions import decode_caption, parse_metadata
+from loraflow_shared.dataset.config import ParsedConfig, TrainingConfig, config_warnings, parse_config
 from loraflow_shared.dataset.images import (
     FORMAT_EXTENSIONS,
     HEAD_BYTES,
@@ -24,16 +24,22 @@ from loraflow_shared.dataset.images import (
     inspect_image,
 )
 from loraflow_shared.dataset.layout import (
-    FOLDER_FORM,
-    IMAGE_EXTENSIONS,
     DatasetFiles,
     Subset,
+    SubsetFiles,
     check_key_safe,
     extension_of,
     group_files,
-    is_junk_segment,
-    parse_subset_folder,
     relative_path,
+)
+from loraflow_shared.dataset.listing_checks import (
+    DEFAULT_LIMITS,
+    Findings,
+    ValidationLimits,
+    check_counts,
+    check_folders,
+    report_duplicates,
+    report_unexpected,
 )
 from loraflow_shared.dataset.objects import ObjectInfo, ObjectReader
 from loraflow_shared.errors import ErrorCode, LoraflowError, Problem, problems_of
@@ -49,32 +55,17 @@ __all__ = [
 
 READ_THREADS = 16
 _MAX_HEAD_READS = 4  # 64 KiB, then 256 KiB, then 1 MiB; one spare in case the object shrinks
-_MiB = 1024 * 1024
-
-
-class ValidationLimits(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    min_images: int = 1  # in total; each subset folder needs at least one image too
-    max_images: int = 2000
-    max_repeats: int = 1000
-    min_side: int = 64
-    max_pixels: int = 4096 * 4096
-    max_file_bytes: int = 50 * _MiB
-    max_config_bytes: int = 64 * 1024
-    max_caption_bytes: int = 4096
-
-
-DEFAULT_LIMITS = ValidationLimits()
 
 
 class SubsetSummary(BaseModel):
-    folder: str
+    folder: str  # from the dataset root: "60_dwjz", "reg/1_dog"
     repeats: int
     trigger: str
     class_name: str | None
     image_count: int
-    caption_count: int
+    caption_count: int  # images with their own caption (a caption file or a metadata.jsonl line)
+    is_reg: bool = False
+    metadata_file: str | None = None
 
 
 class ValidationReport(BaseModel):
@@ -84,25 +75,16 @@ class ValidationReport(BaseModel):
     config_file: str | None  # relative to the dataset root
     config: TrainingConfig | None
     ignored_keys: list[str]
-    subsets: list[SubsetSummary]
-    image_count: int
+    subsets: list[SubsetSummary]  # training subsets
+    image_count: int  # training and regularization images
     bytes_read: int
+    reg_subsets: list[SubsetSummary] = []
+    train_image_count: int = 0
+    reg_image_count: int = 0
 
     @property
     def accepted(self) -> bool:
         return not self.errors
-
-
-@dataclass
-class _Findings:
-    problems: list[Problem] = field(default_factory=list)
-
-    def add(self, code: ErrorCode, path: str, message: str) -> None:
-        self.problems.append(Problem(code=code, path=path, message=message))
-
-    def sorted(self, warnings: bool) -> list[Problem]:
-        chosen = (problem for problem in self.problems if problem.is_warning == warnings)
-        return sorted(chosen, key=lambda problem: (problem.path, problem.code, problem.message))
 
 
 class _CountingReader:
@@ -132,28 +114,33 @@ def validate_dataset(
     limits: ValidationLimits = DEFAULT_LIMITS,
 ) -> ValidationReport:
     """Check a dataset listing (full keys ``<dataset>/...``) against the layout and content rules."""
-    findings = _Findings()
+    findings = Findings()
     counting = _CountingReader(reader)
     index = _index_objects(dataset, objects, findings)
     files = group_files(index)
-    _report_unexpected(files, findings)
-    subsets = _check_folders(files, limits, findings)
-    inspect_images = _check_counts(files, limits, findings)
+    report_unexpected(files, findings)
+    subsets = check_folders(files, limits, findings)
+    inspect_images = check_counts(files, limits, findings)
     config_file = _pick_config_file(files, index, limits, findings)
 
     parsed: list[ParsedConfig] = []
+    metadata_counts: dict[str, int] = {}  # metadata file -> images it captions
     # Each read job returns its problems; pool.map keeps them in submission order.
     jobs: list[Callable[[], list[Problem]]] = []
     if config_file is not None:
         jobs.append(partial(_check_config, config_file, index[config_file], counting, parsed))
     for caption in files.used_captions:
         jobs.append(partial(_check_caption, caption, index[caption], counting, limits))
+    for folder in files.folders.values():
+        if folder.metadata_file is not None:
+            info = index[folder.metadata_file]
+            jobs.append(partial(_check_metadata, folder, info, counting, limits, metadata_counts))
     for image in files.images if inspect_images else []:
         jobs.append(partial(_check_image, image, index[image], counting, limits))
     with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
         for problems in pool.map(lambda job: job(), jobs):
             findings.problems.extend(problems)
-    _report_duplicates(files, index, findings)
+    report_duplicates(files, index, findings)
 
     return ValidationReport(
         dataset=dataset,
@@ -162,13 +149,16 @@ def validate_dataset(
         config_file=config_file,
         config=parsed[0].config if parsed else None,
         ignored_keys=parsed[0].ignored_keys if parsed else [],
-        subsets=[_summary(subset, files) for subset in subsets],
+        subsets=[_summary(subset, files, metadata_counts) for subset in subsets if not subset.is_reg],
         image_count=files.image_count,
         bytes_read=counting.bytes_read,
+        reg_subsets=[_summary(subset, files, metadata_counts) for subset in subsets if subset.is_reg],
+        train_image_count=files.train_image_count,
+        reg_image_count=files.reg_image_count,
     )
 
 
-def _index_objects(dataset: str, objects: Sequence[ObjectInfo], findings: _Findings) -> dict[str, ObjectInfo]:
+def _index_objects(dataset: str, objects: Sequence[ObjectInfo], findings: Findings) -> dict[str, ObjectInfo]:
     """Relative path -> object, leaving out unsafe keys (reported). Folder markers keep their '/'."""
     index: dict[str, ObjectInfo] = {}
     for info in objects:
@@ -183,59 +173,8 @@ def _index_objects(dataset: str, objects: Sequence[ObjectInfo], findings: _Findi
     return index
 
 
-def _report_unexpected(files: DatasetFiles, findings: _Findings) -> None:
-    for rel_path in files.unexpected:
-        segments = rel_path.split("/")
-        if any(is_junk_segment(segment) for segment in segments):
-            reason = "hidden or system file, ignored"
-        elif len(segments) == 1 and extension_of(rel_path) in IMAGE_EXTENSIONS:
-            reason = f"images at the dataset root are not used: put them in a folder named {FOLDER_FORM}"
-        elif len(segments) > 2:
-            reason = "files in sub-folders of a subset folder are not used"
-        else:
-            reason = "not an image, caption or config file, ignored"
-        findings.add(ErrorCode.UNEXPECTED_FILE, rel_path, reason)
-    for folder in files.folders.values():
-        for orphan in folder.orphan_captions:
-            findings.add(ErrorCode.ORPHAN_CAPTION, orphan, "caption has no image with the same name, ignored")
-        for unused, used in folder.shadowed_captions.items():
-            message = f"ignored: {used} is the caption used for this image"
-            findings.add(ErrorCode.UNEXPECTED_FILE, unused, message)
-
-
-def _check_folders(files: DatasetFiles, limits: ValidationLimits, findings: _Findings) -> list[Subset]:
-    """Parse every subset folder name; report bad names and empty folders."""
-    if not files.folders:
-        findings.add(
-            ErrorCode.NO_ASSET_FOLDER,
-            "",
-            f"no subset folder: put the images in a folder named {FOLDER_FORM} at the dataset root",
-        )
-    subsets: list[Subset] = []
-    for folder, folder_files in files.folders.items():
-        try:
-            subsets.append(parse_subset_folder(folder, limits.max_repeats))
-        except LoraflowError as exc:
-            findings.problems.extend(problems_of(exc))
-        if not folder_files.images:
-            findings.add(ErrorCode.TOO_FEW_IMAGES, folder, "folder has no images (.png, .jpg, .jpeg, .webp)")
-    return subsets
-
-
-def _check_counts(files: DatasetFiles, limits: ValidationLimits, findings: _Findings) -> bool:
-    """Check the total image count; returns whether images should be inspected at all."""
-    total = files.image_count
-    if total > limits.max_images:
-        message = f"{total} images, the limit is {limits.max_images} (image contents were not checked)"
-        findings.add(ErrorCode.TOO_MANY_IMAGES, "", message)
-        return False
-    if 0 < total < limits.min_images:
-        findings.add(ErrorCode.TOO_FEW_IMAGES, "", f"{total} images, at least {limits.min_images} are needed")
-    return True
-
-
 def _pick_config_file(
-    files: DatasetFiles, index: dict[str, ObjectInfo], limits: ValidationLimits, findings: _Findings
+    files: DatasetFiles, index: dict[str, ObjectInfo], limits: ValidationLimits, findings: Findings
 ) -> str | None:
     """The one root ``*.toml``, if there is exactly one and it is small enough to read."""
     if not files.config_files:
@@ -263,26 +202,37 @@ def _check_config(
     except LoraflowError as exc:
         return problems_of(exc)
     parsed_out.append(parsed)
-    return ignored_key_warnings(parsed, config_file)
+    return config_warnings(parsed, config_file)
 
 
 def _check_caption(
     rel_path: str, info: ObjectInfo, reader: ObjectReader, limits: ValidationLimits
 ) -> list[Problem]:
-    def bad(message: str) -> list[Problem]:
+    if info.size > limits.max_caption_bytes:  # judged from the listing: an oversized file is not read
+        message = f"caption is {info.size} bytes, the limit is {limits.max_caption_bytes}"
         return [Problem(code=ErrorCode.BAD_CAPTION, path=rel_path, message=message)]
-
-    if info.size > limits.max_caption_bytes:
-        return bad(f"caption is {info.size} bytes, the limit is {limits.max_caption_bytes}")
-    if info.size == 0:
-        return bad("caption is empty")
     try:
-        text = reader.read_all(info.key).decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        return bad(f"caption is not UTF-8 text ({exc.reason} at byte {exc.start})")
-    if not text.strip():
-        return bad("caption is empty (only whitespace)")
+        decode_caption(reader.read_all(info.key) if info.size else b"", rel_path, limits.max_caption_bytes)
+    except LoraflowError as exc:
+        return problems_of(exc)
     return []
+
+
+def _check_metadata(
+    folder: SubsetFiles,
+    info: ObjectInfo,
+    reader: ObjectReader,
+    limits: ValidationLimits,
+    captioned_out: dict[str, int],
+) -> list[Problem]:
+    path = folder.metadata_file or ""
+    if info.size > limits.max_metadata_bytes:
+        message = f"metadata is {info.size} bytes, the limit is {limits.max_metadata_bytes}"
+        return [Problem(code=ErrorCode.BAD_CAPTION, path=path, message=message)]
+    data = reader.read_all(info.key) if info.size else b""
+    parsed = parse_metadata(data, path, folder.images, limits.max_caption_bytes)
+    captioned_out[path] = len(parsed.captions)
+    return parsed.problems
 
 
 def _check_image(
@@ -322,27 +272,17 @@ def _extension_warnings(rel_path: str, image_format: str) -> list[Problem]:
     return [Problem(code=ErrorCode.EXTENSION_MISMATCH, path=rel_path, message=message)]
 
 
-def _report_duplicates(files: DatasetFiles, index: dict[str, ObjectInfo], findings: _Findings) -> None:
-    """Same size and single-part ETag (the content MD5) means the same bytes."""
-    first_seen: dict[tuple[str, int], str] = {}
-    for rel_path in files.images:
-        info = index[rel_path]
-        if not info.etag or "-" in info.etag:  # multipart ETags are not content hashes
-            continue
-        signature = (info.etag, info.size)
-        if signature in first_seen:
-            findings.add(ErrorCode.DUPLICATE_IMAGE, rel_path, f"same content as {first_seen[signature]}")
-        else:
-            first_seen[signature] = rel_path
-
-
-def _summary(subset: Subset, files: DatasetFiles) -> SubsetSummary:
+def _summary(subset: Subset, files: DatasetFiles, metadata_counts: dict[str, int]) -> SubsetSummary:
     folder_files = files.folders[subset.folder]
+    metadata_file = folder_files.metadata_file
+    captioned = metadata_counts.get(metadata_file, 0) if metadata_file else len(folder_files.captions)
     return SubsetSummary(
         folder=subset.folder,
         repeats=subset.repeats,
         trigger=subset.trigger,
         class_name=subset.class_name,
         image_count=len(folder_files.images),
-        caption_count=len(folder_files.captions),
+        caption_count=captioned,
+        is_reg=subset.is_reg,
+        metadata_file=metadata_file,
     )

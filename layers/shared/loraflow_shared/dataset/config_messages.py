@@ -1,0 +1,104 @@
+"""Turn pydantic's errors on a ``TrainingConfig`` into ``<key>: <rule>, got <value>`` messages.
+
+The rule text comes from the model's own JSON schema (bounds, multiples, descriptions), so a bound
+is written once, on the field, and every message about it stays true.
+"""
+
+from typing import Any
+
+from pydantic import BaseModel
+
+LORAFLOW_TABLE = "loraflow"
+CONFLICT_ERROR = "config_conflict"  # a cross-field rule; its messages travel in ctx["problems"]
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of"}
+_SIDE_NAMES = ("width", "height")
+
+
+def describe_errors(model: type[BaseModel], errors: list[Any]) -> list[str]:
+    """One message per pydantic error; a cross-field error carries several."""
+    messages: list[str] = []
+    for error in errors:
+        if error["type"] == CONFLICT_ERROR:
+            messages += list(error["ctx"]["problems"])
+        else:
+            messages.append(_describe_error(model, error))
+    return messages
+
+
+def _describe_error(model: type[BaseModel], error: Any) -> str:
+    loc = tuple(error["loc"])
+    schema = _schema_at(model, loc)
+    if error["type"] in _RANGE_ERRORS:
+        rule = _range_rule(schema) or error["msg"]
+    elif error["type"] == "string_pattern_mismatch" and "description" in schema:
+        rule = f"must be {schema['description']}"
+    elif error["type"] == "extra_forbidden":
+        known = ", ".join(_loraflow_table_keys(model))
+        rule = f"unknown [{LORAFLOW_TABLE}] setting (known: {known})"
+    else:
+        rule = str(error["msg"]).removeprefix("Value error, ")
+        rule = rule[:1].lower() + rule[1:]
+    got = f" ({error['input']!r})" if "got " in rule else f", got {error['input']!r}"
+    return f"{_key_name(loc)}: {rule}{got}"
+
+
+def _loraflow_table_keys(model: type[BaseModel]) -> list[str]:
+    annotation = model.model_fields[LORAFLOW_TABLE].annotation
+    return list(annotation.model_fields) if isinstance(annotation, type) else []
+
+
+def _key_name(loc: tuple[Any, ...]) -> str:
+    # A union (e.g. int | float) adds the branch name to the location: drop it.
+    loc = tuple(part for part in loc if part not in ("int", "float"))
+    if len(loc) == 2 and loc[0] == "resolution" and loc[1] in (0, 1):
+        return f"resolution ({_SIDE_NAMES[loc[1]]})"
+    name = ""
+    for part in loc:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name
+
+
+def _schema_at(model: type[BaseModel], loc: tuple[Any, ...]) -> dict[str, Any]:
+    """The JSON schema of the value at ``loc``, as pydantic describes the model."""
+    root = model.model_json_schema()
+    definitions = root.get("$defs", {})
+    node: dict[str, Any] = root
+    for part in loc:
+        node = _resolve(node, definitions)
+        if isinstance(part, int):
+            items = node.get("prefixItems") or [node.get("items", {})] * (part + 1)
+            node = items[part] if part < len(items) else {}
+        else:
+            node = node.get("properties", {}).get(part, {})
+    return _resolve(node, definitions)
+
+
+def _resolve(node: dict[str, Any], definitions: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" in node:
+        node = definitions[node["$ref"].rsplit("/", 1)[-1]]
+    for option in node.get("anyOf", []):  # Optional[X]: the non-null branch carries the rules
+        if option.get("type") != "null":
+            return _resolve(option, definitions)
+    return node
+
+
+def _range_rule(schema: dict[str, Any]) -> str | None:
+    low, high = schema.get("minimum"), schema.get("maximum")
+    low_open = schema.get("exclusiveMinimum")
+    if low is not None and high is not None:
+        rule = f"must be between {low:g} and {high:g}"
+    elif low_open is not None and high is not None:
+        rule = f"must be greater than {low_open:g} and at most {high:g}"
+    elif low is not None:
+        rule = f"must be at least {low:g}"
+    elif low_open is not None:
+        rule = f"must be greater than {low_open:g}"
+    elif high is not None:
+        rule = f"must be at most {high:g}"
+    else:
+        rule = ""
+    step = schema.get("multipleOf")
+    if step is not None:
+        rule = f"{rule} and a multiple of {step:g}" if rule else f"must be a multiple of {step:g}"
+    return rule or None
