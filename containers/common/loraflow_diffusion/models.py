@@ -8,6 +8,10 @@ A single file (original LDM layout) carries no configs. With a diffusers config 
 `<name>.config/` (see `single_file`; on S3 the `<name>.config/` prefix beside the object), it loads offline
 and that folder's `model_index.json` names the family. Without one, diffusers recognises an SD 1.x/2.x or
 SDXL checkpoint by its keys and fetches the matching configs from the Hugging Face Hub (cached after).
+
+The family (SD 1.x/2.x or SDXL) is known before any weight is read: from `model_index.json` (the folder's,
+the Hub's or the config folder's) or from the checkpoint's keys. A caller that expects one family (the
+config's `sdxl` key) is told of a mismatch then, not after loading gigabytes.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import tempfile
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -42,6 +46,9 @@ from loraflow_diffusion.single_file import SINGLE_FILE_SUFFIXES
 
 _MAX_REASON_CHARS = 400  # the whole failure file must fit SageMaker's 1 KiB FailureReason
 
+FamilyName = Literal["sd15", "sdxl"]  # `ModelFamily.name` of the supported families
+_FAMILY_DESCRIPTIONS: dict[str, str] = {"sd15": "an SD 1.x/2.x model", "sdxl": "an SDXL model"}
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,11 +56,31 @@ class _Unloadable(Exception):
     """A reason, worded for the user, why a reference cannot be loaded."""
 
 
+class _FamilyMismatch(Exception):
+    """The model is of another family than the caller (the training config) said."""
+
+    def __init__(self, expected: FamilyName, found: ModelFamily) -> None:
+        super().__init__(f"expected {expected}, found {found.name}")
+        self.expected, self.found = expected, found
+
+
 def load_pipeline(
-    ref: str, *, device: torch.device, dtype: torch.dtype, cache_dir: Path
+    ref: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    cache_dir: Path,
+    expect_family: FamilyName | None = None,
 ) -> SupportedPipeline:
+    """Load `ref` as its family's pipeline on `device`; any failure is one `MODEL_LOAD_FAILED`.
+
+    `expect_family` ("sdxl" when the config says `sdxl = true`, "sd15" when false, None to detect): a model
+    of the other family fails before its weights are loaded.
+    """
     try:
-        pipe = _load(ref, dtype, cache_dir)
+        pipe = _load(ref, dtype, cache_dir, expect_family)
+    except _FamilyMismatch as exc:
+        raise LoraflowError(ErrorCode.MODEL_LOAD_FAILED, _mismatch_message(ref, exc)) from exc
     except Exception as exc:
         logger.exception("loading base model %r failed", ref)
         raise LoraflowError(
@@ -65,34 +92,53 @@ def load_pipeline(
     return cast(SupportedPipeline, pipe.to(device))
 
 
-def _load(ref: str, dtype: torch.dtype, cache_dir: Path) -> DiffusionPipeline:
+def _mismatch_message(ref: str, mismatch: _FamilyMismatch) -> str:
+    said = "true" if mismatch.expected == "sdxl" else "false"
+    fix = "false" if mismatch.expected == "sdxl" else "true"
+    return (
+        f"config says sdxl = {said} but {ref!r} is {_FAMILY_DESCRIPTIONS[mismatch.found.name]}:"
+        f" set sdxl = {fix}, or leave sdxl out to detect the model family"
+    )
+
+
+def _checked(family: ModelFamily, expect: FamilyName | None) -> ModelFamily:
+    if expect is not None and family.name != expect:
+        raise _FamilyMismatch(expect, family)
+    return family
+
+
+def _load(ref: str, dtype: torch.dtype, cache_dir: Path, expect: FamilyName | None) -> DiffusionPipeline:
     if ref.startswith("s3://"):
-        return _load_local(_fetch_from_s3(ref, cache_dir), dtype, cache_dir)
+        return _load_local(_fetch_from_s3(ref, cache_dir), dtype, cache_dir, expect)
     path = Path(ref).expanduser()
     if path.exists():
-        return _load_local(path, dtype, cache_dir)
+        return _load_local(path, dtype, cache_dir, expect)
     if ref.lower().endswith(SINGLE_FILE_SUFFIXES) or ref.startswith(("/", ".", "~")):
         raise _Unloadable("no such file or directory")
     try:
         validate_repo_id(ref)
     except HFValidationError as exc:
         raise _Unloadable("not a local path, an s3:// URI or a Hugging Face model id") from exc
-    return _load_diffusers(ref, dtype, cache_dir=cache_dir, local_files_only=_hub_offline())
+    return _load_diffusers(ref, dtype, expect, cache_dir=cache_dir, local_files_only=_hub_offline())
 
 
-def _load_local(path: Path, dtype: torch.dtype, cache_dir: Path) -> DiffusionPipeline:
+def _load_local(
+    path: Path, dtype: torch.dtype, cache_dir: Path, expect: FamilyName | None
+) -> DiffusionPipeline:
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise _Unloadable("the folder has no model_index.json (not a diffusers pipeline)")
-        return _load_diffusers(str(path), dtype)
+        return _load_diffusers(str(path), dtype, expect)
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        return _load_single_file(path, dtype, cache_dir)
+        return _load_single_file(path, dtype, cache_dir, expect)
     raise _Unloadable(f"{path.name!r} is neither a diffusers folder nor a .safetensors/.ckpt file")
 
 
-def _load_diffusers(ref: str, dtype: torch.dtype, **hub_kwargs: Any) -> DiffusionPipeline:
+def _load_diffusers(
+    ref: str, dtype: torch.dtype, expect: FamilyName | None, **hub_kwargs: Any
+) -> DiffusionPipeline:
     # model_index.json first: an unsupported family fails before gigabytes of weights are fetched.
-    family = _family_from_model_index(ref, **hub_kwargs)
+    family = _checked(_family_from_model_index(ref, **hub_kwargs), expect)
     return family.pipeline_class.from_pretrained(ref, dtype=dtype, **family.load_kwargs, **hub_kwargs)
 
 
@@ -107,29 +153,35 @@ def _family_from_model_index(ref: str, **hub_kwargs: Any) -> ModelFamily:
     return family
 
 
-def _load_single_file(path: Path, dtype: torch.dtype, cache_dir: Path) -> DiffusionPipeline:
+def _load_single_file(
+    path: Path, dtype: torch.dtype, cache_dir: Path, expect: FamilyName | None
+) -> DiffusionPipeline:
     config_dir = single_file.config_dir_for(path)
     if config_dir.is_dir():
-        pipe = _load_single_file_with_config(path, config_dir, dtype)
+        pipe = _load_single_file_with_config(path, config_dir, dtype, expect)
     else:
-        pipe = _load_single_file_from_hub_config(path, dtype, cache_dir)
+        pipe = _load_single_file_from_hub_config(path, dtype, cache_dir, expect)
     _require_every_weight(pipe)
     return pipe
 
 
-def _load_single_file_with_config(path: Path, config_dir: Path, dtype: torch.dtype) -> DiffusionPipeline:
+def _load_single_file_with_config(
+    path: Path, config_dir: Path, dtype: torch.dtype, expect: FamilyName | None
+) -> DiffusionPipeline:
     """The offline path: the configs beside the checkpoint, not its keys, decide the family and shapes."""
     if not (config_dir / "model_index.json").is_file():
         raise _Unloadable(f"the config folder {config_dir.name!r} has no model_index.json")
-    family = _family_from_model_index(str(config_dir))
+    family = _checked(_family_from_model_index(str(config_dir)), expect)
     with _naming_unfilled_weights():
         return family.pipeline_class.from_single_file(
             str(path), config=str(config_dir), local_files_only=True, dtype=dtype, **family.load_kwargs
         )
 
 
-def _load_single_file_from_hub_config(path: Path, dtype: torch.dtype, cache_dir: Path) -> DiffusionPipeline:
-    family = _single_file_family(path)
+def _load_single_file_from_hub_config(
+    path: Path, dtype: torch.dtype, cache_dir: Path, expect: FamilyName | None
+) -> DiffusionPipeline:
+    family = _checked(_single_file_family(path), expect)
     try:
         with _naming_unfilled_weights():
             return family.pipeline_class.from_single_file(

@@ -1,5 +1,5 @@
-"""Single-file checkpoints: write a diffusers SD 1.x folder as one `.safetensors`/`.ckpt` in the original
-(LDM / A1111 / kohya) key layout, and name the config folder that lets such a file load offline.
+"""Single-file checkpoints: write a diffusers SD 1.x or SDXL folder as one `.safetensors`/`.ckpt` in the
+original (LDM/SGM, A1111, kohya, ComfyUI) key layout, and name the config folder that lets it load offline.
 
 A single file carries weights but no configs; diffusers normally recognises an SD 1.5/SDXL checkpoint
 and fetches its configs from the Hugging Face Hub. Offline, or for a model whose configs are not SD 1.5's
@@ -7,14 +7,23 @@ and fetches its configs from the Hugging Face Hub. Offline, or for a model whose
 diffusers pipeline folder without weights (`model_index.json`, each component's config, tokenizer files).
 
 Hand-written: no maintained library converts diffusers weights back to the original layout. The mapping
-is the reverse of diffusers' `convert_ldm_*` loaders (`diffusers/loaders/single_file_utils.py`) and follows
-diffusers' `scripts/convert_diffusers_to_original_stable_diffusion.py` (Apache-2.0), generalised from
-SD 1.5's fixed 4 levels x 2 layers to whatever the UNet and VAE configs say.
+is the reverse of diffusers' `convert_ldm_*` and `convert_open_clip_checkpoint` loaders
+(`diffusers/loaders/single_file_utils.py`) and follows diffusers'
+`scripts/convert_diffusers_to_original_stable_diffusion.py` and `convert_diffusers_to_original_sdxl.py`
+(Apache-2.0), generalised from the real models' fixed depths to whatever the UNet and VAE configs say.
+
+Layouts: SD 1.x keeps its CLIP text encoder under `cond_stage_model.transformer.text_model.`. SDXL keeps
+CLIP-L under `conditioner.embedders.0.transformer.text_model.` and OpenCLIP bigG under
+`conditioner.embedders.1.model.` in OpenCLIP's own names (fused q/k/v `in_proj`, `text_projection`
+stored as `x @ P`, the transpose of the Hugging Face linear weight); both UNets under
+`model.diffusion_model.` (SDXL's size/crop micro-conditioning as `label_emb`), the VAE under
+`first_stage_model.`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +33,7 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 CONFIG_DIR_SUFFIX = ".config"
@@ -33,7 +42,10 @@ _CONFIG_FILE_SUFFIXES = (".json", ".txt", ".model")
 
 _UNET_PREFIX = "model.diffusion_model."
 _VAE_PREFIX = "first_stage_model."
-_TEXT_ENCODER_PREFIX = "cond_stage_model.transformer.text_model."
+_SD_TEXT_ENCODER_PREFIX = "cond_stage_model.transformer.text_model."
+_SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."
+_SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+_SD_PIPELINE, _SDXL_PIPELINE = "StableDiffusionPipeline", "StableDiffusionXLPipeline"
 
 _UNET_TOP_LEVEL = {
     "time_embedding.linear_1.": "time_embed.0.",
@@ -63,6 +75,22 @@ _VAE_TOP_LEVEL = {
 }
 _VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+# OpenCLIP names of the Hugging Face CLIP text model's weights (keys without the `text_model.` level).
+_OPEN_CLIP_TOP_LEVEL = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+_CLIP_LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
+_CLIP_QKV_KEY = re.compile(r"self_attn\.([qkv])_proj\.(weight|bias)")
 
 
 def config_dir_name(checkpoint_name: str) -> str:
@@ -75,7 +103,7 @@ def config_dir_for(checkpoint: Path) -> Path:
 
 
 def save_single_file(pipeline_dir: Path, out_path: Path, *, with_config: bool = True) -> Path:
-    """Write the SD 1.x diffusers pipeline in `pipeline_dir` as one original-layout checkpoint.
+    """Write the SD 1.x or SDXL diffusers pipeline in `pipeline_dir` as one original-layout checkpoint.
 
     `.safetensors` or `.ckpt` (a pickle of `{"state_dict": ...}`, as A1111 writes), chosen by the suffix.
     With `with_config`, the pipeline's configs are copied to `config_dir_for(out_path)` so the file loads
@@ -84,14 +112,13 @@ def save_single_file(pipeline_dir: Path, out_path: Path, *, with_config: bool = 
     suffix = out_path.suffix.lower()
     if suffix not in SINGLE_FILE_SUFFIXES:
         raise ValueError(f"{out_path.name!r}: a single-file checkpoint ends in one of {SINGLE_FILE_SUFFIXES}")
-    _require_sd_pipeline(pipeline_dir)
+    text_encoders = _text_encoders_to_original(pipeline_dir, _pipeline_class_name(pipeline_dir))
     unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae")
-    text_encoder = CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder")
     state = {
         **_prefixed(_UNET_PREFIX, unet_to_original(unet)),
         **_prefixed(_VAE_PREFIX, vae_to_original(vae)),
-        **_prefixed(_TEXT_ENCODER_PREFIX, _clip_to_original(text_encoder)),
+        **text_encoders,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".safetensors":
@@ -101,6 +128,19 @@ def save_single_file(pipeline_dir: Path, out_path: Path, *, with_config: bool = 
     if with_config:
         _copy_configs(pipeline_dir, config_dir_for(out_path))
     return out_path
+
+
+def _text_encoders_to_original(pipeline_dir: Path, class_name: str) -> dict[str, torch.Tensor]:
+    if class_name == _SD_PIPELINE:
+        text_encoder = CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder")
+        return _prefixed(_SD_TEXT_ENCODER_PREFIX, clip_to_original(text_encoder))
+    # SDXL (`_pipeline_class_name` admits no other): CLIP-L keeps Hugging Face's names, bigG OpenCLIP's.
+    clip_l = CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder")
+    big_g = CLIPTextModelWithProjection.from_pretrained(pipeline_dir, subfolder="text_encoder_2")
+    return {
+        **_prefixed(_SDXL_CLIP_L_PREFIX, clip_to_original(clip_l)),
+        **_prefixed(_SDXL_OPEN_CLIP_PREFIX, open_clip_to_original(big_g)),
+    }
 
 
 @dataclass(frozen=True)
@@ -200,10 +240,43 @@ def vae_to_original(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
     return _convert(vae.state_dict(), modules)
 
 
-def _clip_to_original(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
-    # SD 1.x keeps Hugging Face's CLIP names under `cond_stage_model.transformer.text_model.`; recent
-    # transformers drop the `text_model.` level from CLIPTextModel's own names, older ones keep it.
-    return {key.removeprefix("text_model."): value for key, value in text_encoder.state_dict().items()}
+def clip_to_original(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
+    """Hugging Face CLIP names, without the `text_model.` level (the caller's prefix holds it)."""
+    # Recent transformers drop the `text_model.` level from CLIPTextModel's own names, older ones keep it.
+    state = text_encoder.state_dict()
+    return {key.removeprefix("text_model."): _standalone(value) for key, value in state.items()}
+
+
+def open_clip_to_original(text_encoder: CLIPTextModelWithProjection) -> dict[str, torch.Tensor]:
+    """OpenCLIP names (SDXL's `conditioner.embedders.1.model.`); reverses `convert_open_clip_checkpoint`."""
+    converted: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}  # in_proj key -> {"q"|"k"|"v": part}
+    unclaimed = []
+    for key, tensor in text_encoder.state_dict().items():
+        name = key.removeprefix("text_model.")
+        layer = _CLIP_LAYER_KEY.fullmatch(name)
+        if name == "text_projection.weight":
+            # OpenCLIP computes `pooled @ text_projection`. (diffusers' export script keeps the linear weight
+            # as `text_projection.weight`, which neither its own loader nor kohya/ComfyUI read.)
+            converted["text_projection"] = tensor.T
+        elif name in _OPEN_CLIP_TOP_LEVEL:
+            converted[_OPEN_CLIP_TOP_LEVEL[name]] = tensor
+        elif layer and (qkv := _CLIP_QKV_KEY.fullmatch(layer[2])):
+            fused.setdefault(f"transformer.resblocks.{layer[1]}.attn.in_proj_{qkv[2]}", {})[qkv[1]] = tensor
+        elif layer and (renamed := _rename(layer[2], _OPEN_CLIP_LAYER)) != layer[2]:
+            converted[f"transformer.resblocks.{layer[1]}.{renamed}"] = tensor
+        else:
+            unclaimed.append(key)
+    if unclaimed:
+        raise ValueError(f"{len(unclaimed)} weights have no OpenCLIP name, e.g. {unclaimed[:3]}")
+    # torch.nn.MultiheadAttention's packing, which diffusers splits back in thirds: q, then k, then v.
+    converted.update({key: torch.cat([parts[p] for p in "qkv"]) for key, parts in fused.items()})
+    return {key: _standalone(value) for key, value in converted.items()}
+
+
+def _standalone(tensor: torch.Tensor) -> torch.Tensor:
+    # safetensors refuses views and tensors that share memory: every saved weight gets its own storage.
+    return tensor.detach().clone().contiguous()
 
 
 def _convert(state: Mapping[str, torch.Tensor], modules: Iterable[_Module]) -> dict[str, torch.Tensor]:
@@ -219,7 +292,7 @@ def _convert(state: Mapping[str, torch.Tensor], modules: Iterable[_Module]) -> d
         name = _rename(key[len(module.diffusers) :], module.renames)
         if module.linear_as_conv and tensor.ndim == 2:
             tensor = tensor[:, :, None, None]
-        converted[module.original + name] = tensor.detach().clone().contiguous()
+        converted[module.original + name] = _standalone(tensor)
     if unclaimed:
         raise ValueError(f"{len(unclaimed)} weights have no original-layout name, e.g. {unclaimed[:3]}")
     return converted
@@ -236,11 +309,14 @@ def _prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch
     return {prefix + key: value for key, value in state.items()}
 
 
-def _require_sd_pipeline(pipeline_dir: Path) -> None:
+def _pipeline_class_name(pipeline_dir: Path) -> str:
     index = json.loads((pipeline_dir / "model_index.json").read_text(encoding="utf-8"))
     class_name = index.get("_class_name")
-    if class_name != "StableDiffusionPipeline":
-        raise ValueError(f"only StableDiffusionPipeline folders can be saved as one file, not {class_name!r}")
+    if class_name not in (_SD_PIPELINE, _SDXL_PIPELINE):
+        raise ValueError(
+            f"only {_SD_PIPELINE} and {_SDXL_PIPELINE} folders can be saved as one file, not {class_name!r}"
+        )
+    return str(class_name)
 
 
 def _copy_configs(pipeline_dir: Path, config_dir: Path) -> None:

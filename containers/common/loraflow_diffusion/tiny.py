@@ -25,6 +25,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 MAX_TOKENS = 77  # CLIP's context length; the tokenizer must know it or padding overflows
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 _TEXT_HIDDEN = 32
+# SDXL's second encoder (OpenCLIP bigG, 1280 wide) must differ in width from its first (CLIP-L, 768):
+# diffusers' single-file loader tells the two apart in a checkpoint by their widths alone.
+_SDXL_TEXT_2_HIDDEN = 48
 _SDXL_TIME_EMBED_DIM = 8  # SDXL embeds 6 numbers (original size, crop corner, target size)
 
 
@@ -63,7 +66,9 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
         pipe = StableDiffusionXLPipeline(
             vae=_tiny_vae(),
             text_encoder=_tiny_text_encoder(vocab_size=len(tokenizer)),
-            text_encoder_2=CLIPTextModelWithProjection(_text_encoder_config(len(tokenizer))),
+            text_encoder_2=CLIPTextModelWithProjection(
+                _text_encoder_config(len(tokenizer), hidden_size=_SDXL_TEXT_2_HIDDEN)
+            ),
             tokenizer=tokenizer,
             tokenizer_2=_tiny_clip_tokenizer(),
             unet=_tiny_sdxl_unet(),
@@ -84,13 +89,13 @@ def _tiny_sdxl_unet() -> UNet2DConditionModel:
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=2 * _TEXT_HIDDEN,  # both text encoders' hidden states, concatenated
+        cross_attention_dim=_TEXT_HIDDEN + _SDXL_TEXT_2_HIDDEN,  # both encoders' hidden states, concatenated
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=_SDXL_TIME_EMBED_DIM,
         # 6 time ids x their embedding + the pooled projection of the second text encoder
-        projection_class_embeddings_input_dim=6 * _SDXL_TIME_EMBED_DIM + _TEXT_HIDDEN,
+        projection_class_embeddings_input_dim=6 * _SDXL_TIME_EMBED_DIM + _SDXL_TEXT_2_HIDDEN,
     )
 
 
@@ -127,15 +132,15 @@ def _tiny_text_encoder(vocab_size: int) -> CLIPTextModel:
     return CLIPTextModel(_text_encoder_config(vocab_size))
 
 
-def _text_encoder_config(vocab_size: int) -> CLIPTextConfig:
+def _text_encoder_config(vocab_size: int, hidden_size: int = _TEXT_HIDDEN) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=_TEXT_HIDDEN,
+        hidden_size=hidden_size,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=MAX_TOKENS,
-        projection_dim=_TEXT_HIDDEN,
+        projection_dim=hidden_size,  # as SDXL's bigG: the pooled projection keeps the width
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,

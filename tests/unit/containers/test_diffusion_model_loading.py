@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from loraflow_diffusion.families import SupportedPipeline, family_of
-from loraflow_diffusion.models import load_pipeline
+from loraflow_diffusion.models import FamilyName, load_pipeline
 from loraflow_shared.errors import ErrorCode, LoraflowError
 from safetensors.torch import save_file
 
@@ -135,3 +135,60 @@ def test_given_reference_that_is_no_path_nor_hub_id_when_loaded_then_model_load_
     error = _load_error("not a model!", tmp_path)
 
     assert "not a local path, an s3:// URI or a Hugging Face model id" in error.message
+
+
+def _weightless_folder(root: Path, class_name: str) -> Path:
+    """A diffusers folder with only its model_index.json: loading any weight from it would fail."""
+    root.mkdir()
+    (root / "model_index.json").write_text(json.dumps({"_class_name": class_name}), encoding="utf-8")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("class_name", "expect_family", "expected"),
+    [
+        ("StableDiffusionPipeline", "sdxl", "config says sdxl = true but {ref} is an SD 1.x/2.x model"),
+        ("StableDiffusionXLPipeline", "sd15", "config says sdxl = false but {ref} is an SDXL model"),
+    ],
+)
+def test_given_folder_of_other_family_than_config_says_when_loaded_then_fails_before_reading_weights(
+    tmp_path: Path, class_name: str, expect_family: FamilyName, expected: str
+) -> None:
+    ref = str(_weightless_folder(tmp_path / "model", class_name))
+
+    with pytest.raises(LoraflowError) as caught:
+        load_pipeline(ref, device=CPU, dtype=torch.float32, cache_dir=tmp_path, expect_family=expect_family)
+
+    assert caught.value.code == ErrorCode.MODEL_LOAD_FAILED
+    assert caught.value.message.startswith(expected.format(ref=repr(ref)))
+    assert "leave sdxl out to detect" in caught.value.message
+
+
+def test_given_sd15_single_file_without_config_and_config_saying_sdxl_when_loaded_then_fails_before_the_hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Recognised by its keys alone: no config folder, and a Hub that must not be asked.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint = tmp_path / "model.safetensors"
+    save_file(
+        {"model.diffusion_model.output_blocks.11.0.skip_connection.weight": torch.zeros(1)}, str(checkpoint)
+    )
+
+    with pytest.raises(LoraflowError) as caught:
+        load_pipeline(
+            str(checkpoint), device=CPU, dtype=torch.float32, cache_dir=tmp_path, expect_family="sdxl"
+        )
+
+    assert caught.value.message.startswith(
+        f"config says sdxl = true but {str(checkpoint)!r} is an SD 1.x/2.x"
+    )
+
+
+def test_given_sd15_folder_and_config_saying_sd15_when_loaded_then_sd15_pipeline(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    pipe = load_pipeline(
+        str(tiny_model), device=CPU, dtype=torch.float32, cache_dir=tmp_path, expect_family="sd15"
+    )
+
+    assert isinstance(pipe, StableDiffusionPipeline)

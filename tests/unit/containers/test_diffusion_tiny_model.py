@@ -3,9 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from loraflow_diffusion.tiny import build_tiny_sd
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from loraflow_diffusion.tiny import build_tiny_sd, build_tiny_sdxl
 from safetensors.torch import load_file
-from transformers import CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTokenizer
 
 WEIGHT_FILES = [
     "unet/diffusion_pytorch_model.safetensors",
@@ -58,3 +60,42 @@ def test_given_trigger_word_when_tokenized_then_round_trips_without_unknown_toke
     body = ids[1 : ids.index(tokenizer.eos_token_id)]
     assert len(body) == len(prompt.replace(" ", ""))
     assert tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == prompt.replace(" ", "")
+
+
+SDXL_WEIGHT_FILES = [*WEIGHT_FILES, "text_encoder_2/model.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model")
+
+
+def test_given_same_seed_when_sdxl_built_twice_then_weights_are_identical(
+    tmp_path: Path, tiny_sdxl: Path
+) -> None:
+    again = build_tiny_sdxl(tmp_path / "again")
+
+    for name in SDXL_WEIGHT_FILES:
+        first, second = load_file(tiny_sdxl / name), load_file(again / name)
+        assert first.keys() == second.keys(), name
+        assert all(torch.equal(first[key], second[key]) for key in first), name
+
+
+def test_given_tiny_sdxl_when_built_then_text_encoders_differ_in_width_and_feed_the_unet(
+    tiny_sdxl: Path,
+) -> None:
+    clip_l = CLIPTextConfig.from_pretrained(tiny_sdxl / "text_encoder")
+    big_g = CLIPTextConfig.from_pretrained(tiny_sdxl / "text_encoder_2")
+    unet = UNet2DConditionModel.load_config(tiny_sdxl / "unet")
+
+    # diffusers' single-file loader tells SDXL's two encoders apart only by their widths (768 vs 1280).
+    assert clip_l.hidden_size != big_g.hidden_size
+    assert unet["cross_attention_dim"] == clip_l.hidden_size + big_g.hidden_size
+    time_ids = 6 * unet["addition_time_embed_dim"]
+    assert unet["projection_class_embeddings_input_dim"] == time_ids + big_g.projection_dim
+
+
+def test_given_tiny_sdxl_when_saved_then_small(tiny_sdxl: Path) -> None:
+    size = sum(path.stat().st_size for path in tiny_sdxl.rglob("*") if path.is_file())
+
+    assert size < 12 * 1024 * 1024

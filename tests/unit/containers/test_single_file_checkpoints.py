@@ -173,14 +173,14 @@ def test_given_checkpoint_missing_a_weight_when_loaded_then_model_load_failed(
     assert expected in message
 
 
-def test_given_sdxl_folder_when_saved_as_single_file_then_refused(tmp_path: Path) -> None:
-    (tmp_path / "sdxl").mkdir()
-    (tmp_path / "sdxl" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+def test_given_unsupported_pipeline_folder_when_saved_as_single_file_then_refused(tmp_path: Path) -> None:
+    (tmp_path / "flux").mkdir()
+    (tmp_path / "flux" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
 
-    with pytest.raises(ValueError, match="not 'StableDiffusionXLPipeline'"):
-        save_single_file(tmp_path / "sdxl", tmp_path / "sdxl.safetensors")
+    with pytest.raises(ValueError, match="not 'FluxPipeline'"):
+        save_single_file(tmp_path / "flux", tmp_path / "flux.safetensors")
 
-    assert not (tmp_path / "sdxl.safetensors").exists()
+    assert not (tmp_path / "flux.safetensors").exists()
 
 
 def test_given_unknown_suffix_when_saved_as_single_file_then_refused(
