@@ -32,8 +32,8 @@ def test_given_sdxl_dir_when_loaded_then_sdxl_family(tiny_sdxl: Path, tmp_path: 
 
     assert isinstance(pipe, StableDiffusionXLPipeline)
     conditioning = family_of(pipe).encode_prompts(pipe, ["ohwx", "sks dog"], (64, 48))
-    assert conditioning.encoder_hidden_states.shape == (2, 77, 64)
-    assert conditioning.added_cond_kwargs["text_embeds"].shape == (2, 32)
+    assert conditioning.encoder_hidden_states.shape == (2, 77, 32 + 48)  # both encoders, concatenated
+    assert conditioning.added_cond_kwargs["text_embeds"].shape == (2, 48)  # the second encoder's pooled
     assert conditioning.added_cond_kwargs["time_ids"].tolist() == [[48, 64, 0, 0, 48, 64]] * 2  # (h, w) pairs
 
 
