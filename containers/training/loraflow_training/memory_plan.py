@@ -1,0 +1,366 @@
+"""Memory plan: which memory-saving knobs a LoRA run takes so that it fits the GPU.
+
+The estimate of the training-phase peak on a CUDA device (bytes), term by term:
+
+- CUDA context, cuBLAS/cuDNN workspaces: ``CUDA_OVERHEAD_BYTES``.
+- Frozen weights on the device: parameters * bytes per parameter of the weight dtype (4 for
+  ``mixed_precision = "no"``, 2 for fp16/bf16). The UNet always; the text encoders when their LoRA is
+  trained or captions vary per step (shuffle/dropout: embeddings can't be cached, the encoders run each
+  step); the VAE when latents are not cached (in fp32 for SDXL, whose VAE config forces upcasting).
+- Trainable LoRA parameters (rank * the family's LoRA parameters per rank; text encoders' when trained)
+  * (4 bytes fp32 master weight + 4 bytes gradient + optimizer state): AdamW 8 (two fp32 moments),
+  AdamW8bit 2 (two 8-bit moments; block statistics are negligible), Adafactor ~ 4 / rank (no first
+  moment; the second moment of each r x d matrix is factored into r + d floats, and d >> r).
+- Per image of a batch, * ``FRAGMENTATION``: the UNet's activations, measured at the family's reference
+  resolution and scaled by area (attention runs as flash/memory-efficient SDPA, linear in tokens) and by
+  compute-dtype bytes / 2, with or without gradient checkpointing; the text encoders' when trained;
+  VAE encoding when latents are not cached.
+
+The plan must fit ``BUDGET_FRACTION`` of the device memory. Knobs the config leaves unpinned (None)
+start at the fastest setting and are turned, cheapest first, until the estimate fits: latent caching
+(always on unless pinned off: it costs nothing here, since images are not randomly cropped and flipped
+latents are cached too, and it takes the VAE off the GPU) → gradient checkpointing → AdamW8bit (only
+with CUDA + bitsandbytes) → UNet-only training → batch size down to 1. A plan that still does not fit
+says so in ``reasons`` and names the pinned values that cost memory; training is attempted anyway,
+and an out-of-memory failure then reports the plan (``oom.py``).
+
+The numbers assume the trainer's LoRA targets: the attention projections (UNet ``to_q/to_k/to_v/
+to_out.0``; text encoders ``q_proj/k_proj/v_proj/out_proj``). Not counted: cached latents (64 KiB per
+image at 512², twice that with flip_aug), small beside the 10% margin for datasets of hundreds of images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from loraflow_shared.dataset.config import Optimizer, TrainingConfig
+from pydantic import BaseModel, ConfigDict
+
+GIB = 1024**3
+MIB = 1024**2
+BUDGET_FRACTION = 0.9
+CUDA_OVERHEAD_BYTES = 1 * GIB  # context (~0.5 GiB on recent GPUs) plus library workspaces
+FRAGMENTATION = 1.2  # PyTorch's caching allocator holds more than the live tensors
+# kohya's default is 1, which leaves most of a GPU idle; the plan lowers this when memory is short.
+PREFERRED_GPU_BATCH_SIZE = 4
+WEIGHT_BYTES = {"no": 4, "fp16": 2, "bf16": 2}  # by mixed_precision: the frozen weights' dtype
+TRAINABLE_BYTES = 4 + 4  # fp32 master weight + fp32 gradient, per trainable (LoRA) parameter
+ADAM_STATE_BYTES: dict[Optimizer, float] = {"AdamW": 8.0, "AdamW8bit": 2.0}
+
+
+@dataclass(frozen=True)
+class FamilyFootprint:
+    """Sizes of one model family. Activation bytes are per image at ``reference_side``², in fp16."""
+
+    unet_params: int
+    text_encoder_params: int  # all text encoders together
+    vae_params: int
+    unet_lora_params_per_rank: int
+    text_encoder_lora_params_per_rank: int
+    vae_upcast: bool  # the VAE runs in fp32 whatever the training dtype
+    reference_side: int
+    unet_activation_bytes: int
+    unet_checkpointed_activation_bytes: int
+    text_encoder_activation_bytes: int  # forward + backward of the text encoders' LoRA, per caption
+    vae_encode_bytes: int  # no-grad encoding, per image
+
+
+# Parameter counts: the published configs (runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-
+# xl-base-1.0: unet/, vae/, text_encoder/, text_encoder_2/ config.json) built with diffusers 0.42 and
+# transformers on PyTorch's meta device and counted; LoRA parameters per rank = Σ (in + out features)
+# of the targeted Linear layers. SD 1.5: UNet 859.5M, CLIP-L 123.1M, VAE 83.7M. SDXL: UNet 2567.5M,
+# CLIP-L + OpenCLIP-bigG 123.1M + 694.7M, VAE 83.7M.
+# Activations: bytes of the tensors alive at the peak of one forward + backward (batch 1 and 2: linear
+# in batch) of those real configs with a rank-16 LoRA, fp16, flash SDPA, tracked by a TorchDispatchMode
+# on the meta device (torch 2.13). Resolution scaling was checked: 512² → 1024² multiplies them by 3.95-4.
+SD15 = FamilyFootprint(
+    unet_params=859_520_964,
+    text_encoder_params=123_060_480,
+    vae_params=83_653_863,
+    unet_lora_params_per_rank=199_296,
+    text_encoder_lora_params_per_rank=73_728,
+    vae_upcast=False,
+    reference_side=512,
+    unet_activation_bytes=790 * MIB,
+    unet_checkpointed_activation_bytes=221 * MIB,
+    text_encoder_activation_bytes=32 * MIB,
+    vae_encode_bytes=320 * MIB,
+)
+SDXL = FamilyFootprint(
+    unet_params=2_567_463_684,
+    text_encoder_params=123_060_480 + 694_659_840,
+    vae_params=83_653_863,
+    unet_lora_params_per_rank=1_451_520,
+    text_encoder_lora_params_per_rank=73_728 + 327_680,
+    vae_upcast=True,
+    reference_side=1024,
+    unet_activation_bytes=5406 * MIB,
+    unet_checkpointed_activation_bytes=523 * MIB,
+    text_encoder_activation_bytes=(32 + 112) * MIB,
+    vae_encode_bytes=1280 * MIB,
+)
+FOOTPRINTS: dict[str, FamilyFootprint] = {"sd15": SD15, "sdxl": SDXL}
+
+
+class MemoryPlan(BaseModel):
+    """The knobs a run trains with, the estimate behind them, and why (recorded in the report)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    gradient_checkpointing: bool
+    optimizer: Optimizer
+    cache_latents: bool
+    train_unet_only: bool
+    batch_size: int
+    device_memory_bytes: int | None  # None: no GPU (trained on the CPU)
+    estimated_peak_bytes: int
+    fits: bool  # the estimate is within BUDGET_FRACTION of the device memory (always True on the CPU)
+    reasons: list[str]
+    pinned: list[str]  # config keys that fixed a knob, e.g. ["train_batch_size"]
+    estimate_breakdown: dict[str, int]  # the estimate's terms, bytes
+
+    def describe(self) -> str:
+        """One line naming every knob, the estimate and the device, for logs and failure messages."""
+        on_off = {True: "on", False: "off"}
+        device = "no GPU" if self.device_memory_bytes is None else f"{_gib(self.device_memory_bytes)} GPU"
+        pinned = f", pinned: {', '.join(self.pinned)}" if self.pinned else ""
+        return (
+            f"batch_size={self.batch_size}, gradient_checkpointing={on_off[self.gradient_checkpointing]}, "
+            f"optimizer={self.optimizer}, cache_latents={on_off[self.cache_latents]}, "
+            f"train_unet_only={on_off[self.train_unet_only]}; estimated peak "
+            f"{_gib(self.estimated_peak_bytes)} on a {device}{pinned}"
+        )
+
+
+@dataclass(frozen=True)
+class Knobs:
+    cache_latents: bool
+    gradient_checkpointing: bool
+    optimizer: Optimizer
+    train_unet_only: bool
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What the estimate needs besides the knobs."""
+
+    footprint: FamilyFootprint
+    weight_bytes: int  # per frozen parameter and per activation element (compute dtype)
+    network_dim: int
+    area_scale: float  # training area / reference area
+    captions_vary: bool
+    on_gpu: bool
+    eight_bit_runs: bool  # AdamW8bit can run; without, the trainer falls back to AdamW
+
+
+def plan_memory(
+    config: TrainingConfig,
+    family_name: str,
+    resolution: tuple[int, int],
+    device_memory_bytes: int | None,
+    bitsandbytes_available: bool,
+) -> MemoryPlan:
+    """The knobs for this run. ``resolution``: the largest (width, height) trained (bucketing included).
+
+    ``device_memory_bytes`` is the GPU's total memory, None on the CPU; ``bitsandbytes_available``
+    means AdamW8bit can run (CUDA and bitsandbytes).
+    """
+    if family_name not in FOOTPRINTS:
+        raise ValueError(f"unknown model family {family_name!r}; known: {', '.join(FOOTPRINTS)}")
+    on_gpu = device_memory_bytes is not None
+    job = _Job(
+        footprint=FOOTPRINTS[family_name],
+        weight_bytes=WEIGHT_BYTES[config.mixed_precision] if on_gpu else 4,  # the CPU trains in fp32
+        network_dim=config.network_dim,
+        area_scale=resolution[0] * resolution[1] / FOOTPRINTS[family_name].reference_side ** 2,
+        captions_vary=config.shuffle_caption or config.caption_dropout_rate > 0,
+        on_gpu=on_gpu,
+        eight_bit_runs=bitsandbytes_available,
+    )
+    pinned = pinned_keys(config)
+    knobs = _starting_knobs(config, on_gpu)
+    reasons = _pin_notes(config, bitsandbytes_available)
+    if device_memory_bytes is None:
+        reasons.insert(
+            0, "no GPU: trained on the CPU in fp32, nothing to fit; no memory-saving knob is taken"
+        )
+        return _plan(knobs, job, None, True, reasons, pinned)
+    budget = int(device_memory_bytes * BUDGET_FRACTION)
+    knobs, taken = _fit(knobs, job, budget, _turnable(config, bitsandbytes_available))
+    reasons += taken
+    fits = estimate_breakdown(knobs, job)["total"] <= budget
+    reasons.append(_verdict(knobs, job, budget, device_memory_bytes, fits, config))
+    return _plan(knobs, job, device_memory_bytes, fits, reasons, pinned)
+
+
+def pinned_keys(config: TrainingConfig) -> list[str]:
+    """The config keys that fix a knob (set to anything but None)."""
+    values = {
+        "cache_latents": config.cache_latents,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "optimizer_type": config.optimizer_type,
+        "network_train_unet_only": config.network_train_unet_only,
+        "train_batch_size": config.train_batch_size,
+    }
+    return [key for key, value in values.items() if value is not None]
+
+
+def _starting_knobs(config: TrainingConfig, on_gpu: bool) -> Knobs:
+    """Pinned values as they are; the rest at their fastest (the CPU trains one image at a time)."""
+    default_batch = PREFERRED_GPU_BATCH_SIZE if on_gpu else 1
+    return Knobs(
+        cache_latents=True if config.cache_latents is None else config.cache_latents,
+        gradient_checkpointing=bool(config.gradient_checkpointing),
+        optimizer=config.optimizer_type or "AdamW",
+        train_unet_only=bool(config.network_train_unet_only),
+        batch_size=config.train_batch_size or default_batch,
+    )
+
+
+Turn = Callable[[Knobs], Knobs | None]  # the knobs with one more saving taken, None when none is left
+
+
+def _turnable(config: TrainingConfig, bitsandbytes_available: bool) -> list[tuple[str, Turn]]:
+    """The unpinned knobs, cheapest first, each as a function taking its saving."""
+    turns: list[tuple[str, Turn]] = []
+    if config.gradient_checkpointing is None:
+        turns.append(("gradient_checkpointing on", _with(gradient_checkpointing=True)))
+    if config.optimizer_type is None and bitsandbytes_available:
+        turns.append(("optimizer AdamW8bit", _with(optimizer="AdamW8bit")))
+    if config.network_train_unet_only is None:
+        turns.append(("UNet-only training (text encoders not trained)", _with(train_unet_only=True)))
+    if config.train_batch_size is None:
+        turns.append(("batch", _smaller_batch))
+    return turns
+
+
+def _with(**change: object) -> Turn:
+    """A saving taken at most once."""
+
+    def turn(knobs: Knobs) -> Knobs | None:
+        if all(getattr(knobs, key) == value for key, value in change.items()):
+            return None
+        return dataclasses.replace(knobs, **change)  # type: ignore[arg-type]
+
+    return turn
+
+
+def _smaller_batch(knobs: Knobs) -> Knobs | None:
+    return dataclasses.replace(knobs, batch_size=knobs.batch_size - 1) if knobs.batch_size > 1 else None
+
+
+def _fit(knobs: Knobs, job: _Job, budget: int, turns: list[tuple[str, Turn]]) -> tuple[Knobs, list[str]]:
+    """Take savings in order until the estimate fits the budget; a reason for each one taken."""
+    reasons: list[str] = []
+    for name, turn in turns:
+        before = knobs
+        while estimate_breakdown(knobs, job)["total"] > budget and (turned := turn(knobs)) is not None:
+            knobs = turned
+        if knobs != before:
+            taken = f"batch size {before.batch_size} -> {knobs.batch_size}" if name == "batch" else name
+            estimate = _gib(estimate_breakdown(before, job)["total"])
+            reasons.append(f"{taken}: the estimate before was {estimate}, over the {_gib(budget)} budget")
+    return knobs, reasons
+
+
+def estimate_breakdown(knobs: Knobs, job: _Job) -> dict[str, int]:
+    """The estimate's terms in bytes (see the module docstring), and their ``total``."""
+    fp = job.footprint
+    trains_text = not knobs.train_unet_only
+    text_on_device = trains_text or job.captions_vary
+    vae_bytes = 4 if fp.vae_upcast else job.weight_bytes
+    frozen = fp.unet_params * job.weight_bytes
+    frozen += fp.text_encoder_params * job.weight_bytes if text_on_device else 0
+    frozen += 0 if knobs.cache_latents else fp.vae_params * vae_bytes
+    lora_params = job.network_dim * (
+        fp.unet_lora_params_per_rank + (fp.text_encoder_lora_params_per_rank if trains_text else 0)
+    )
+    optimizer = knobs.optimizer if job.eight_bit_runs or knobs.optimizer != "AdamW8bit" else "AdamW"
+    optimizer_bytes = ADAM_STATE_BYTES.get(optimizer, 4.0 / job.network_dim)  # else Adafactor
+    dtype_scale = job.weight_bytes / 2  # activations were measured in fp16
+    unet = fp.unet_checkpointed_activation_bytes if knobs.gradient_checkpointing else fp.unet_activation_bytes
+    per_image = unet * job.area_scale * dtype_scale
+    per_image += fp.text_encoder_activation_bytes * dtype_scale if trains_text else 0
+    per_image += 0 if knobs.cache_latents else fp.vae_encode_bytes * job.area_scale * vae_bytes / 2
+    terms = {
+        "device_overhead": CUDA_OVERHEAD_BYTES if job.on_gpu else 0,
+        "frozen_weights": frozen,
+        "lora_training_state": int(lora_params * (TRAINABLE_BYTES + optimizer_bytes)),
+        "activations": int(knobs.batch_size * per_image * FRAGMENTATION),
+    }
+    return {**terms, "total": sum(terms.values())}
+
+
+def _pin_notes(config: TrainingConfig, bitsandbytes_available: bool) -> list[str]:
+    notes = []
+    if config.optimizer_type == "AdamW8bit" and not bitsandbytes_available:
+        notes.append(
+            "optimizer_type AdamW8bit is pinned but needs CUDA and bitsandbytes: "
+            "the trainer falls back to AdamW, and the estimate counts AdamW's state"
+        )
+    if config.cache_latents is False:
+        notes.append("cache_latents is pinned off: the VAE stays on the device and encodes every step")
+    return notes
+
+
+def _verdict(
+    knobs: Knobs, job: _Job, budget: int, device_bytes: int, fits: bool, config: TrainingConfig
+) -> str:
+    total = estimate_breakdown(knobs, job)["total"]
+    where = f"the {_gib(budget)} budget ({BUDGET_FRACTION:.0%} of {_gib(device_bytes)})"
+    if fits:
+        return f"fits: estimated peak {_gib(total)} within {where}"
+    costly = _costly_pins(knobs, job, config)
+    blame = f"; pinned values that cost memory: {', '.join(costly)}" if costly else ""
+    return (
+        f"does not fit: estimated peak {_gib(total)} over {where} with every unpinned saving taken"
+        f"{blame}; training is attempted anyway"
+    )
+
+
+def _costly_pins(knobs: Knobs, job: _Job, config: TrainingConfig) -> list[str]:
+    """Each pinned value with what releasing it alone would save."""
+    alternatives = {
+        "cache_latents": dataclasses.replace(knobs, cache_latents=True),
+        "gradient_checkpointing": dataclasses.replace(knobs, gradient_checkpointing=True),
+        "optimizer_type": dataclasses.replace(knobs, optimizer="AdamW8bit"),
+        "network_train_unet_only": dataclasses.replace(knobs, train_unet_only=True),
+        "train_batch_size": dataclasses.replace(knobs, batch_size=1),
+    }
+    total = estimate_breakdown(knobs, job)["total"]
+    costly = []
+    for key in pinned_keys(config):
+        saving = total - estimate_breakdown(alternatives[key], job)["total"]
+        if saving >= MIB:
+            costly.append(f"{key}={_toml(getattr(config, key))} (+{_gib(saving)})")
+    return costly
+
+
+def _plan(
+    knobs: Knobs, job: _Job, device_bytes: int | None, fits: bool, reasons: list[str], pinned: list[str]
+) -> MemoryPlan:
+    breakdown = estimate_breakdown(knobs, job)
+    return MemoryPlan(
+        gradient_checkpointing=knobs.gradient_checkpointing,
+        optimizer=knobs.optimizer,
+        cache_latents=knobs.cache_latents,
+        train_unet_only=knobs.train_unet_only,
+        batch_size=knobs.batch_size,
+        device_memory_bytes=device_bytes,
+        estimated_peak_bytes=breakdown["total"],
+        fits=fits,
+        reasons=reasons,
+        pinned=pinned,
+        estimate_breakdown=breakdown,
+    )
+
+
+def _toml(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:.1f} GiB"
