@@ -6,8 +6,9 @@ import json
 import shutil
 import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlparse
 
 from loraflow_local.client import TERMINAL_STATUSES, StackClient
 from loraflow_local.sample_dataset import SAMPLE_DATASET_ID, write_sample_dataset
@@ -62,9 +63,12 @@ def _wait_for_terminal(client: StackClient, queue_url: str) -> dict[str, Any] | 
 def _save_outputs(client: StackClient, job: dict[str, Any], output: Path) -> None:
     output.mkdir(parents=True, exist_ok=True)
     (output / "job.json").write_text(json.dumps(job, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    lora_url = (job.get("artifacts") or {}).get("lora_diffusers_url")
-    if lora_url:
-        client.download(lora_url, output / "pytorch_lora_weights.safetensors")
+    artifacts = job.get("artifacts") or {}
+    if artifacts.get("lora_diffusers_url"):
+        client.download(artifacts["lora_diffusers_url"], output / "pytorch_lora_weights.safetensors")
+    if artifacts.get("lora_kohya_url"):  # `<output_name>.safetensors`, for A1111/ComfyUI
+        kohya_name = PurePosixPath(urlparse(artifacts["lora_kohya_url"]).path).name
+        client.download(artifacts["lora_kohya_url"], output / kohya_name)
     for index, preview in enumerate(job.get("previews") or []):
         client.download(preview["url"], output / "previews" / f"{index:02d}.png")
 

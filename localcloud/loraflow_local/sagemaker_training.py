@@ -5,6 +5,8 @@ resourceconfig}.json`, `input/data/<channel>/`, `model/`, `output/data/`, `outpu
 The process learns the paths from `SM_*` variables (`loraflow_diffusion`'s path contract), so the same
 entrypoint runs unchanged in the container. On exit 0 `model/` is uploaded as
 `<S3OutputPath>/<job>/output/model.tar.gz`; otherwise the failure file becomes the `FailureReason`.
+With a `CheckpointConfig`, `checkpoints/` is restored from and mirrored to its `S3Uri` (`checkpoint_sync`).
+Managed spot is accepted and runs as on demand: a local job is never interrupted.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import boto3
 
+from loraflow_local.checkpoint_sync import CheckpointSync
 from loraflow_local.s3_util import download_prefix, join_s3_uri, split_s3_uri
 
 LOG = logging.getLogger(__name__)
@@ -30,6 +33,8 @@ LOG = logging.getLogger(__name__)
 DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "loraflow_training", "train")
 FAILURE_REASON_LIMIT = 1024  # DescribeTrainingJob's FailureReason maximum length
 DEFAULT_MAX_RUNTIME_S = 86400  # SageMaker's default StoppingCondition
+CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"  # CheckpointConfig.LocalPath's default; `checkpoints/` here
+DEFAULT_CHECKPOINT_SYNC_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -43,10 +48,13 @@ class TrainingJobSpec:
     resource_config: Mapping[str, Any] = field(default_factory=dict)
     max_runtime_s: int = DEFAULT_MAX_RUNTIME_S
     environment: Mapping[str, str] = field(default_factory=dict)
+    checkpoint_s3_uri: str | None = None  # CheckpointConfig.S3Uri
+    checkpoint_local_path: str = CHECKPOINT_LOCAL_PATH
 
     @classmethod
     def from_request(cls, request: Mapping[str, Any]) -> TrainingJobSpec:
         stopping = request.get("StoppingCondition") or {}
+        checkpoint = request.get("CheckpointConfig") or {}
         return cls(
             name=request["TrainingJobName"],
             hyperparameters=dict(request.get("HyperParameters") or {}),
@@ -55,6 +63,8 @@ class TrainingJobSpec:
             resource_config=dict(request.get("ResourceConfig") or {}),
             max_runtime_s=int(stopping.get("MaxRuntimeInSeconds", DEFAULT_MAX_RUNTIME_S)),
             environment=dict(request.get("Environment") or {}),
+            checkpoint_s3_uri=checkpoint.get("S3Uri"),
+            checkpoint_local_path=checkpoint.get("LocalPath") or CHECKPOINT_LOCAL_PATH,
         )
 
     @property
@@ -84,12 +94,14 @@ class LocalTrainingRun:
         on_status: StatusListener,
         container_env: Mapping[str, str],
         command: Sequence[str] = DEFAULT_COMMAND,
+        checkpoint_sync_s: float = DEFAULT_CHECKPOINT_SYNC_S,
     ) -> None:
         self.spec = spec
         self.workdir = workdir
         self._on_status = on_status
         self._container_env = dict(container_env)
         self._command = list(command)
+        self._checkpoint_sync_s = checkpoint_sync_s
         self._stop_requested = threading.Event()
         self._thread = threading.Thread(target=self.run, name=f"training-{spec.name}", daemon=True)
 
@@ -114,12 +126,21 @@ class LocalTrainingRun:
         self._on_status(final)
         return final
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.workdir / "checkpoints"
+
     def _run_stages(self) -> TrainingStatus:
         s3 = boto3.client("s3")
         self._on_status(TrainingStatus("InProgress", "Downloading"))
         self._prepare_workdir(s3)
+        checkpoints = self._checkpoint_sync(s3)
         self._on_status(TrainingStatus("InProgress", "Training"))
-        outcome = self._run_process()
+        if checkpoints is None:
+            outcome = self._run_process()
+        else:
+            with checkpoints.running():
+                outcome = self._run_process()
         if outcome is not None:
             return outcome
         self._on_status(TrainingStatus("InProgress", "Uploading"))
@@ -142,6 +163,16 @@ class LocalTrainingRun:
             count = download_prefix(s3, source["S3Uri"], target)
             LOG.info("training job %s: channel %s: %d files", self.spec.name, channel["ChannelName"], count)
 
+    def _checkpoint_sync(self, s3: Any) -> CheckpointSync | None:
+        if self.spec.checkpoint_s3_uri is None:
+            return None
+        if self.spec.checkpoint_local_path.rstrip("/") != CHECKPOINT_LOCAL_PATH:
+            raise ValueError(f"CheckpointConfig.LocalPath: only {CHECKPOINT_LOCAL_PATH} runs locally")
+        sync = CheckpointSync(s3, self.spec.checkpoint_s3_uri, self.checkpoint_dir, self._checkpoint_sync_s)
+        count = sync.restore()
+        LOG.info("training job %s: %d checkpoint files restored", self.spec.name, count)
+        return sync
+
     def environment(self) -> dict[str, str]:
         root = self.workdir
         layout = {
@@ -150,7 +181,7 @@ class LocalTrainingRun:
             "SM_MODEL_DIR": str(root / "model"),
             "SM_OUTPUT_DIR": str(root / "output"),
             "SM_OUTPUT_DATA_DIR": str(root / "output" / "data"),
-            "SM_CHECKPOINT_DIR": str(root / "checkpoints"),
+            "SM_CHECKPOINT_DIR": str(self.checkpoint_dir),
             "TRAINING_JOB_NAME": self.spec.name,
         }
         names = [channel["ChannelName"] for channel in self.spec.input_data_config]

@@ -14,6 +14,7 @@ from pathlib import Path
 from loraflow_local.lambda_runtime import LambdaRegistry
 from loraflow_local.sagemaker_async import DEFAULT_SERVE_COMMAND, AsyncEndpoint, AsyncEndpointConfig
 from loraflow_local.sagemaker_training import (
+    DEFAULT_CHECKPOINT_SYNC_S,
     DEFAULT_COMMAND,
     LocalTrainingRun,
     StatusListener,
@@ -32,6 +33,8 @@ class LocalServices:
     lambdas: LambdaRegistry = field(default_factory=LambdaRegistry)
     training_command: Sequence[str] = DEFAULT_COMMAND
     serve_command: Sequence[str] = DEFAULT_SERVE_COMMAND
+    # How often a running training job's checkpoint folder is mirrored to its CheckpointConfig.S3Uri.
+    checkpoint_sync_s: float = DEFAULT_CHECKPOINT_SYNC_S
     _trainings: dict[str, LocalTrainingRun] = field(default_factory=dict)
     _endpoints: dict[str, AsyncEndpoint] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -43,6 +46,7 @@ class LocalServices:
             on_status=on_status,
             container_env=self.container_env,
             command=self.training_command,
+            checkpoint_sync_s=self.checkpoint_sync_s,
         )
         with self._lock:
             self._trainings[spec.name] = run

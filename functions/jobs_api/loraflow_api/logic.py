@@ -4,17 +4,27 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from aws_lambda_powertools import Logger
+from loraflow_shared.contracts import TrainingProgress
 from loraflow_shared.errors import Problem
 from loraflow_shared.jobs.model import Job, JobStatus, TrainingSummary
 from loraflow_shared.jobs.repository import JobRepository
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_PAGE_SIZE = 100
+
+logger = Logger(child=True)
 
 
 class UrlSigner(Protocol):
     def presign(self, s3_uri: str) -> str:
         """A time-limited HTTPS GET URL for an S3 object."""
+        ...
+
+
+class ProgressSource(Protocol):
+    def read_progress(self, job_id: str) -> bytes | None:
+        """The job's `progress.json` as written by the trainer; None when there is none (yet)."""
         ...
 
 
@@ -25,6 +35,17 @@ class _View(BaseModel):
 class ArtifactLinks(_View):
     lora_diffusers_url: str
     training_report_url: str
+    lora_kohya_url: str | None  # `<output_name>.safetensors` for A1111/ComfyUI/kohya; None for older jobs
+
+
+class ProgressView(_View):
+    """How far a training job has come (from the trainer's `progress.json`)."""
+
+    step: int
+    total_steps: int
+    loss: float | None
+    eta_seconds: float | None
+    updated_at: str
 
 
 class PreviewLink(_View):
@@ -44,6 +65,8 @@ class JobView(_View):
     training: TrainingSummary | None
     artifacts: ArtifactLinks | None
     previews: list[PreviewLink]
+    # Only in `GET /jobs/{job_id}` while TRAINING, once the trainer reported a step; else None.
+    progress: ProgressView | None
 
 
 class JobPage(_View):
@@ -61,12 +84,14 @@ class ListJobsQuery(BaseModel):
     next_token: str | None = Field(default=None, min_length=1)
 
 
-def job_view(job: Job, signer: UrlSigner) -> JobView:
+def job_view(job: Job, signer: UrlSigner, progress: ProgressView | None = None) -> JobView:
     artifacts = None
     if job.artifacts is not None:
+        kohya_uri = job.artifacts.lora_kohya_s3_uri
         artifacts = ArtifactLinks(
             lora_diffusers_url=signer.presign(job.artifacts.lora_diffusers_s3_uri),
             training_report_url=signer.presign(job.artifacts.training_report_s3_uri),
+            lora_kohya_url=signer.presign(kohya_uri) if kohya_uri is not None else None,
         )
     return JobView(
         job_id=job.job_id,
@@ -80,17 +105,42 @@ def job_view(job: Job, signer: UrlSigner) -> JobView:
         training=job.training,
         artifacts=artifacts,
         previews=[PreviewLink(prompt=p.prompt, url=signer.presign(p.s3_uri)) for p in job.previews],
+        progress=progress,
+    )
+
+
+def parse_progress(job_id: str, raw: bytes) -> ProgressView | None:
+    """A malformed file is the trainer's bug, not the caller's: it is logged and shown as no progress."""
+    try:
+        progress = TrainingProgress.model_validate_json(raw)
+    except ValidationError as exc:
+        logger.warning("ignoring malformed progress.json", job_id=job_id, reason=str(exc))
+        return None
+    return ProgressView(
+        step=progress.step,
+        total_steps=progress.total_steps,
+        loss=progress.loss,
+        eta_seconds=progress.eta_seconds,
+        updated_at=progress.updated_at,
     )
 
 
 class JobQueries:
-    def __init__(self, repository: JobRepository, signer: UrlSigner) -> None:
+    def __init__(self, repository: JobRepository, signer: UrlSigner, progress: ProgressSource) -> None:
         self._repository = repository
         self._signer = signer
+        self._progress = progress
 
     def get_job(self, job_id: str) -> JobView:
-        return job_view(self._repository.require(job_id), self._signer)
+        job = self._repository.require(job_id)
+        return job_view(job, self._signer, self._training_progress(job))
 
     def list_jobs(self, query: ListJobsQuery) -> JobPage:
         jobs, next_token = self._repository.list_by_dataset(query.dataset, query.limit, query.next_token)
         return JobPage(items=[job_view(job, self._signer) for job in jobs], next_token=next_token)
+
+    def _training_progress(self, job: Job) -> ProgressView | None:
+        if job.status is not JobStatus.TRAINING:
+            return None
+        raw = self._progress.read_progress(job.job_id)
+        return None if raw is None else parse_progress(job.job_id, raw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import posixpath
 import tarfile
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
 import boto3
@@ -40,8 +41,14 @@ class S3ArtifactStore:
     def __init__(self, client: S3Client) -> None:
         self._s3 = client
 
-    def unpack_model_archive(self, archive_uri: str, destinations: dict[str, str]) -> set[str]:
-        """Stream `model.tar.gz` member by member (`r|gz`): the archive never sits in memory or on disk."""
+    def unpack_model_archive(
+        self, archive_uri: str, destination_for: Callable[[str], str | None]
+    ) -> dict[str, str]:
+        """Stream `model.tar.gz` member by member (`r|gz`): the archive never sits in memory or on disk.
+
+        Each file member whose name `destination_for` maps to a URI is copied there (the first of
+        duplicates wins); returns member name -> URI of what was copied.
+        """
         bucket, key = parse_s3_uri(archive_uri)
         try:
             body = self._s3.get_object(Bucket=bucket, Key=key)["Body"]
@@ -49,20 +56,19 @@ class S3ArtifactStore:
             raise LoraflowError(
                 ErrorCode.TRAINING_FAILED, f"model artifacts not found at {archive_uri}"
             ) from exc
-        found: set[str] = set()
+        copied: dict[str, str] = {}
         try:
             with tarfile.open(fileobj=body, mode="r|gz") as archive:
                 for member in archive:
                     name = _member_name(member.name)
                     source = archive.extractfile(member) if member.isfile() else None
-                    if source is None or name not in destinations or name in found:
+                    destination = destination_for(name) if source is not None else None
+                    if source is None or destination is None or name in copied:
                         continue
-                    target_bucket, target_key = parse_s3_uri(destinations[name])
+                    target_bucket, target_key = parse_s3_uri(destination)
                     forward_only: Any = _ForwardOnly(source)  # duck-typed: s3transfer only calls read()
                     self._s3.upload_fileobj(forward_only, target_bucket, target_key)
-                    found.add(name)
-                    if found == set(destinations):
-                        break
+                    copied[name] = destination
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise LoraflowError(
                 ErrorCode.TRAINING_FAILED,
@@ -70,7 +76,7 @@ class S3ArtifactStore:
             ) from exc
         finally:
             body.close()
-        return found
+        return copied
 
     def read_bytes(self, uri: str) -> bytes:
         bucket, key = parse_s3_uri(uri)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol, assert_never
 
+from aws_lambda_powertools import Logger
 from loraflow_shared.contracts import PreviewRequest, TrainingReport
 from loraflow_shared.errors import ErrorCode, LoraflowError
 from loraflow_shared.jobs.failures import problems_from_task_failure
-from loraflow_shared.jobs.model import Artifacts, JobStatus, Preview, TrainingSummary
+from loraflow_shared.jobs.model import Artifacts, JobStatus, Preview
 from loraflow_shared.jobs.repository import JobRepository
 from loraflow_shared.notifications import TerminalNotifier, announce_terminal
 from loraflow_shared.s3 import s3_uri
@@ -21,9 +23,16 @@ from loraflow_pipeline.events import (
     RecordTraining,
     RequestPreviews,
 )
+from loraflow_pipeline.training_outputs import (
+    REPORT_FILENAME,
+    OutputLocations,
+    kohya_member,
+    merge_warnings,
+    missing_members,
+    training_summary,
+)
 
-LORA_FILENAME = "pytorch_lora_weights.safetensors"
-REPORT_FILENAME = "training_report.json"
+logger = Logger(child=True)
 
 # Which code a failure gets when its cause says nothing better, by the status the job was in.
 _FALLBACK_CODES = {
@@ -33,8 +42,10 @@ _FALLBACK_CODES = {
 
 
 class ArtifactStore(Protocol):
-    def unpack_model_archive(self, archive_uri: str, destinations: dict[str, str]) -> set[str]:
-        """Stream the tar.gz, copy the members named in `destinations` to their URIs; return names found."""
+    def unpack_model_archive(
+        self, archive_uri: str, destination_for: Callable[[str], str | None]
+    ) -> dict[str, str]:
+        """Stream the tar.gz, copy each member `destination_for` maps to a URI; return name -> URI copied."""
         ...
 
     def read_bytes(self, uri: str) -> bytes: ...
@@ -78,30 +89,34 @@ class PipelineTasks:
                 assert_never(action)
 
     def record_training(self, action: RecordTraining) -> dict[str, Any]:
-        job_id = action.job_id
-        lora_uri = s3_uri(self._bucket, f"jobs/{job_id}/lora/{LORA_FILENAME}")
-        report_uri = s3_uri(self._bucket, f"jobs/{job_id}/{REPORT_FILENAME}")
-        found = self._artifacts.unpack_model_archive(
-            action.model_artifacts, {LORA_FILENAME: lora_uri, REPORT_FILENAME: report_uri}
-        )
-        for name in (LORA_FILENAME, REPORT_FILENAME):
-            if name not in found:
-                raise LoraflowError(
-                    ErrorCode.TRAINING_FAILED, f"training finished but its model.tar.gz has no {name}"
-                )
+        job = self._repository.require(action.job_id)
+        locations = OutputLocations.for_job(self._bucket, job.job_id)
+        copied = self._artifacts.unpack_model_archive(action.model_artifacts, locations.destination_for)
+        missing = missing_members(copied)
+        if missing:
+            raise LoraflowError(
+                ErrorCode.TRAINING_FAILED,
+                f"training finished but its model.tar.gz has no {' or '.join(missing)}",
+            )
         try:
-            report = TrainingReport.model_validate_json(self._artifacts.read_bytes(report_uri))
+            report = TrainingReport.model_validate_json(self._artifacts.read_bytes(locations.report_uri))
         except ValidationError as exc:
             raise LoraflowError(ErrorCode.TRAINING_FAILED, f"{REPORT_FILENAME} is not valid: {exc}") from exc
-        summary = TrainingSummary(
-            job_name=action.training_job_name,
-            steps=report.steps,
-            final_loss=report.final_loss,
-            seconds=report.seconds,
+        kohya = kohya_member(report, copied)
+        if kohya is None:
+            logger.warning("no kohya-format LoRA in model.tar.gz", output_name=report.output_name)
+        artifacts = Artifacts(
+            lora_diffusers_s3_uri=locations.diffusers_lora_uri,
+            training_report_s3_uri=locations.report_uri,
+            lora_kohya_s3_uri=copied[kohya] if kohya is not None else None,
         )
-        artifacts = Artifacts(lora_diffusers_s3_uri=lora_uri, training_report_s3_uri=report_uri)
-        self._repository.update(job_id, training=summary, artifacts=artifacts)
-        return {"lora_s3_uri": lora_uri}
+        self._repository.update(
+            job.job_id,
+            training=training_summary(action.training_job_name, report),
+            artifacts=artifacts,
+            warnings=merge_warnings(job.warnings, report.warnings),
+        )
+        return {"lora_s3_uri": locations.diffusers_lora_uri}
 
     def request_previews(self, action: RequestPreviews) -> dict[str, Any]:
         job = self._repository.require(action.job_id)

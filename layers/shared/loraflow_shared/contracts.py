@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from loraflow_shared.errors import Problem
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 S3Uri = Annotated[str, StringConstraints(pattern=r"^s3://[^/]+/.*$")]
 """An ``s3://bucket/key`` URI (the key may be empty or a prefix)."""
@@ -66,6 +70,39 @@ class TrainingReport(BaseModel):
 
     steps: int = Field(ge=0)
     # None when no step ran; NaN/inf are refused (a diverged run is a failure, not a report).
-    final_loss: Annotated[float, Field(allow_inf_nan=False)] | None
+    final_loss: FiniteFloat | None
     seconds: float = Field(ge=0)
     ignored_keys: list[str] = Field(default_factory=list)
+    # Warnings about the delivered LoRA (WEAK_LORA, SETTING_ADJUSTED); the job's warnings gain them.
+    warnings: list[Problem] = Field(default_factory=list)
+    # `<output_name>.safetensors` is the kohya-format copy of the LoRA beside the diffusers file.
+    output_name: str | None = None
+    epochs: int | None = Field(default=None, ge=0)
+    # Peak memory of the run in MiB (process RSS; CUDA allocator), when measured.
+    peak_rss_mb: float | None = Field(default=None, ge=0)
+    peak_cuda_mb: float | None = Field(default=None, ge=0)
+
+    @field_validator("warnings")
+    @classmethod
+    def _only_warning_codes(cls, warnings: list[Problem]) -> list[Problem]:
+        failures = sorted({problem.code.value for problem in warnings if not problem.is_warning})
+        if failures:
+            raise ValueError(f"{', '.join(failures)} are failure codes, not warnings")
+        return warnings
+
+
+class TrainingProgress(BaseModel):
+    """`progress.json`, rewritten by the trainer in its checkpoint folder while it trains.
+
+    SageMaker copies that folder to `CheckpointConfig.S3Uri` during the run, which is how the API
+    reads it (`loraflow_shared.jobs.model.progress_key`). Unknown keys are ignored.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    step: int = Field(ge=0)
+    total_steps: int = Field(ge=0)
+    loss: FiniteFloat | None = None
+    eta_seconds: float | None = Field(default=None, ge=0)
+    steps_per_second: float | None = Field(default=None, ge=0)
+    updated_at: str = Field(min_length=1)  # ISO-8601 UTC

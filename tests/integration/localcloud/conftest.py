@@ -70,6 +70,7 @@ def services(aws_env: str, tmp_path: Path) -> Iterator[LocalServices]:
         },
         training_command=FAKE_TRAINER,
         serve_command=FAKE_MODEL_SERVER,
+        checkpoint_sync_s=0.1,
     )
     moto_patches.apply(bound)
     yield bound

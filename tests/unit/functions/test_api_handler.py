@@ -70,10 +70,13 @@ def completed_job(repository: JobRepository) -> Job:
         job_id,
         JobStatus.GENERATING_PREVIEWS,
         preview_task_token="secret-token",
-        training=TrainingSummary(job_name=f"loraflow-{job_id}", steps=2, final_loss=0.25, seconds=1.5),
+        training=TrainingSummary(
+            job_name=f"loraflow-{job_id}", steps=2, final_loss=0.25, seconds=1.5, epochs=1, peak_rss_mb=900.0
+        ),
         artifacts=Artifacts(
             lora_diffusers_s3_uri=f"s3://{ARTIFACTS_BUCKET}/jobs/{job_id}/lora/pytorch_lora_weights.safetensors",
             training_report_s3_uri=f"s3://{ARTIFACTS_BUCKET}/jobs/{job_id}/training_report.json",
+            lora_kohya_s3_uri=f"s3://{ARTIFACTS_BUCKET}/jobs/{job_id}/lora/zqxj.safetensors",
         ),
     )
     return repository.transition(
@@ -98,10 +101,17 @@ def test_given_completed_job_when_fetched_then_view_with_presigned_urls_and_no_i
         "steps": 2,
         "final_loss": 0.25,
         "seconds": 1.5,
+        "epochs": 1,
+        "peak_rss_mb": 900.0,
+        "peak_cuda_mb": None,
     }
     lora_url = urlparse(body["artifacts"]["lora_diffusers_url"])
     assert lora_url.path.endswith(f"/jobs/{job.job_id}/lora/pytorch_lora_weights.safetensors")
     assert parse_qs(lora_url.query)["X-Amz-Expires"] == ["600"]
+    kohya_url = urlparse(body["artifacts"]["lora_kohya_url"])
+    assert kohya_url.path.endswith(f"/jobs/{job.job_id}/lora/zqxj.safetensors")
+    assert parse_qs(kohya_url.query)["X-Amz-Expires"] == ["600"]
+    assert body["progress"] is None
     [preview] = body["previews"]
     assert preview["prompt"] == "zqxj dog"
     assert urlparse(preview["url"]).path.endswith("/previews/0.png")

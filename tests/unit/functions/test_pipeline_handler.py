@@ -1,29 +1,19 @@
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from typing import Any
 
-import boto3
 import pytest
 from functions_aws import ARTIFACTS_BUCKET, ENDPOINT_NAME, REGION, Cloud, FakeLambdaContext, load_event
-from loraflow_pipeline import app
 from loraflow_pipeline.adapters import build_tasks
 from loraflow_pipeline.logic import PipelineTasks
 from loraflow_pipeline.settings import PipelineSettings
 from loraflow_shared.contracts import PreviewRequest
 from loraflow_shared.errors import ErrorCode, Problem
-from loraflow_shared.jobs.model import Job, JobStatus, PreviewSettings
+from loraflow_shared.jobs.model import JobStatus
 from loraflow_shared.jobs.repository import JobRepository
 from moto.sagemakerruntime.models import sagemakerruntime_backends
-
-JOB_ID = load_event("sfn_record_training.json")["job_id"]
-PATH_TO = {
-    JobStatus.QUEUED: [JobStatus.QUEUED],
-    JobStatus.TRAINING: [JobStatus.QUEUED, JobStatus.TRAINING],
-    JobStatus.GENERATING_PREVIEWS: [JobStatus.QUEUED, JobStatus.TRAINING, JobStatus.GENERATING_PREVIEWS],
-}
+from pipeline_kit import JOB_ID, job_in, model_archive, read, run
 
 
 @pytest.fixture
@@ -34,52 +24,6 @@ def tasks(cloud: Cloud) -> PipelineTasks:
 @pytest.fixture
 def repository(cloud: Cloud) -> JobRepository:
     return JobRepository(cloud.table)
-
-
-def run(tasks: PipelineTasks, context: FakeLambdaContext, payload: dict[str, Any]) -> Any:
-    return app.lambda_handler(payload, context, tasks=tasks)
-
-
-def job_in(repository: JobRepository, status: JobStatus) -> Job:
-    now = repository.now()
-    repository.claim(
-        Job(
-            job_id=JOB_ID,
-            dataset="0001-dataset",
-            status=JobStatus.VALIDATING,
-            created_at=now,
-            updated_at=now,
-            fingerprint="f" * 64,
-            dataset_s3_uri="s3://loraflow-datasets/0001-dataset/",
-            config_file="config.toml",
-            base_model="s3://loraflow-artifacts/base-models/tiny-sd/",
-            preview=PreviewSettings(
-                prompts=["a photo of zqxj dog", "zqxj dog"], steps=3, resolution=64, seed=7
-            ),
-        )
-    )
-    for step in PATH_TO.get(status, []):
-        repository.transition(JOB_ID, step)
-    return repository.require(JOB_ID)
-
-
-def model_archive(members: dict[str, bytes]) -> str:
-    """Upload a model.tar.gz like SageMaker's (members under `./`) and return its URI."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(f"./{name}")
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    key = f"training/loraflow-{JOB_ID}/output/model.tar.gz"
-    boto3.client("s3", region_name=REGION).put_object(
-        Bucket=ARTIFACTS_BUCKET, Key=key, Body=buffer.getvalue()
-    )
-    return f"s3://{ARTIFACTS_BUCKET}/{key}"
-
-
-def read(key: str) -> bytes:
-    return boto3.client("s3", region_name=REGION).get_object(Bucket=ARTIFACTS_BUCKET, Key=key)["Body"].read()
 
 
 def test_given_queued_job_when_training_marked_then_training(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import pytest
 from loraflow_shared.contracts import ExecutionInput
 from template_helpers import ASL_SUBSTITUTION, substitute
 
@@ -24,7 +25,7 @@ KNOWN_ERROR_NAMES = LAMBDA_TRANSIENT_ERRORS | {
     "States.Permissions",
 }
 # Paths the pipeline writes into its state (ResultPath); everything else must come from the input.
-WRITTEN_PATHS = {"training", "recorded", "previews", "error"}
+WRITTEN_PATHS = {"capacity", "training", "recorded", "previews", "error"}
 
 
 def _tasks(asl: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -45,11 +46,25 @@ def _json_paths(node: Any) -> list[str]:
     return []
 
 
-def _happy_path(asl: dict[str, Any]) -> list[str]:
+def _transitions(state: dict[str, Any]) -> set[str]:
+    targets = {state["Next"]} if "Next" in state else set()
+    targets |= {catcher["Next"] for catcher in state.get("Catch", [])}
+    targets |= {choice["Next"] for choice in state.get("Choices", [])}
+    return targets | ({state["Default"]} if "Default" in state else set())
+
+
+def _happy_path(asl: dict[str, Any], spot: bool) -> list[str]:
+    """States visited when nothing fails, with spot training on or off (the one Choice)."""
     path, name = [], asl["StartAt"]
     while name is not None:
         path.append(name)
-        name = asl["States"][name].get("Next")
+        state = asl["States"][name]
+        if state["Type"] == "Choice":
+            spot_rules = [c for c in state["Choices"] if c.get("Variable") == "$.capacity.spot"]
+            assert [c["BooleanEquals"] for c in spot_rules] == [True], name
+            name = spot_rules[0]["Next"] if spot else state["Default"]
+        else:
+            name = state.get("Next")
     return path
 
 
@@ -73,13 +88,15 @@ def test_given_substituted_asl_when_parsed_then_valid_json_with_numeric_training
     asl_text: str,
 ) -> None:
     values = {name: f"value-of-{name}" for name in ASL_SUBSTITUTION.findall(asl_text)}
-    values.update(TrainingVolumeSizeGB="50", MaxTrainingSeconds="14400")
+    values.update(TrainingVolumeSizeGB="50", MaxTrainingSeconds="14400", UseSpotTraining="true")
 
     definition = substitute(asl_text, values)
     train = definition["States"]["Train"]["Parameters"]
+    capacity = definition["States"]["TrainingCapacity"]["Parameters"]
 
     assert train["ResourceConfig"]["VolumeSizeInGB.$"] == "States.StringToJson('50')"
-    assert train["StoppingCondition"]["MaxRuntimeInSeconds.$"] == "States.StringToJson('14400')"
+    assert capacity["stopping_condition"]["MaxRuntimeInSeconds.$"] == "States.StringToJson('14400')"
+    assert capacity["spot.$"] == "States.StringToJson('true')"
 
 
 def test_given_asl_when_transitions_followed_then_every_target_exists_and_every_state_is_reachable(
@@ -88,23 +105,44 @@ def test_given_asl_when_transitions_followed_then_every_target_exists_and_every_
     states = asl["States"]
     targets = {asl["StartAt"]}
     for state in states.values():
-        targets |= {state["Next"]} if "Next" in state else set()
-        targets |= {catcher["Next"] for catcher in state.get("Catch", [])}
+        targets |= _transitions(state)
 
     assert targets == set(states)
 
 
-def test_given_asl_when_nothing_fails_then_steps_run_in_contract_order(asl: dict[str, Any]) -> None:
-    steps = _happy_path(asl)
+@pytest.mark.parametrize("spot", [True, False])
+def test_given_asl_when_nothing_fails_then_steps_run_in_contract_order(
+    asl: dict[str, Any], spot: bool
+) -> None:
+    steps = _happy_path(asl, spot)
     actions = [
         asl["States"][name]["Parameters"]["Payload"]["action"]
         for name in steps
         if asl["States"][name].get("Resource", "").startswith(LAMBDA_INVOKE)
     ]
+    capacity = ["TrainingCapacity", "SpotOrOnDemand"] + (["SpotStoppingCondition"] if spot else [])
 
-    assert steps == ["MarkTraining", "Train", "RecordTraining", "GeneratePreviews", "Complete", "Succeeded"]
+    assert steps == [
+        "MarkTraining",
+        *capacity,
+        "Train",
+        "RecordTraining",
+        "GeneratePreviews",
+        "Complete",
+        "Succeeded",
+    ]
     assert actions == ["mark_training", "record_training", "request_previews", "complete"]
     assert asl["States"]["Succeeded"]["Type"] == "Succeed"
+
+
+def test_given_states_that_cannot_catch_when_listed_then_only_the_capacity_choice(
+    asl: dict[str, Any],
+) -> None:
+    # Pass and Choice states have no Catch: only these may sit outside the MarkFailed safety net,
+    # and they run nothing but intrinsic functions over template parameters.
+    uncaught = {name for name, s in asl["States"].items() if s["Type"] in ("Pass", "Choice")}
+
+    assert uncaught == {"TrainingCapacity", "SpotOrOnDemand", "SpotStoppingCondition"}
 
 
 def test_given_any_task_except_mark_failed_when_it_fails_then_caught_into_mark_failed(
@@ -180,6 +218,9 @@ def test_given_training_step_when_configured_then_dataset_channel_and_contract_h
     assert channel["ChannelName"] == "dataset"
     assert channel["DataSource"]["S3DataSource"]["S3Uri.$"] == "$.dataset_s3_uri"
     assert set(parameters["HyperParameters"]) == {"config_file.$", "base_model.$", "job_id.$"}
+    assert parameters["EnableManagedSpotTraining.$"] == "$.capacity.spot"
+    assert parameters["StoppingCondition.$"] == "$.capacity.stopping_condition"
+    assert parameters["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
     assert train["ResultSelector"] == {
         "training_job_name.$": "$.TrainingJobName",
         "model_artifacts.$": "$.ModelArtifacts.S3ModelArtifacts",

@@ -13,9 +13,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import boto3
+import botocore.session
 import pytest
+from botocore.validate import ParamValidator
 from loraflow_pipeline.events import ACTION_ADAPTER
-from loraflow_shared.jobs.model import training_job_name
+from loraflow_shared.jobs.model import checkpoint_prefix, training_job_name
 from moto import mock_aws
 from template_helpers import ASL_PATH, substitute
 
@@ -54,8 +56,7 @@ def stepfunctions() -> Iterator[Any]:
         )
 
 
-@pytest.fixture(scope="module")
-def definition() -> dict[str, Any]:
+def _substituted(use_spot: str) -> dict[str, Any]:
     values = {
         "PipelineTasksFunctionArn": FUNCTION_ARN,
         "TrainingImageUri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/loraflow-training:abc1234",
@@ -64,14 +65,25 @@ def definition() -> dict[str, Any]:
         "TrainingInstanceType": "ml.g5.2xlarge",
         "TrainingVolumeSizeGB": "50",
         "MaxTrainingSeconds": "14400",
+        "UseSpotTraining": use_spot,
+        "SpotWaitSeconds": "3600",
     }
     return substitute(ASL_PATH.read_text(encoding="utf-8"), values)
+
+
+@pytest.fixture(scope="module")
+def definition() -> dict[str, Any]:
+    return _substituted(use_spot="true")
 
 
 def _evaluate(client: Any, parameters: dict[str, Any], state: dict[str, Any], name: str) -> Any:
     # A Pass state has no task token: the context's execution name stands in for it.
     text = json.dumps(parameters).replace('"$$.Task.Token"', '"$$.Execution.Name"')
     machine = {"StartAt": "P", "States": {"P": {"Type": "Pass", "Parameters": json.loads(text), "End": True}}}
+    return _execute(client, machine, state, name)
+
+
+def _execute(client: Any, machine: dict[str, Any], state: dict[str, Any], name: str) -> Any:
     arn = client.create_state_machine(
         name=f"eval-{name}", definition=json.dumps(machine), roleArn="arn:aws:iam::123456789012:role/sfn"
     )["stateMachineArn"]
@@ -110,12 +122,21 @@ def test_given_state_on_the_way_when_lambda_task_parameters_evaluated_then_paylo
     assert ACTION_ADAPTER.validate_python(evaluated["Payload"]).action == payload["action"]
 
 
+def _training_request(client: Any, definition: dict[str, Any], name: str) -> dict[str, Any]:
+    """Run the real capacity states, then evaluate Train's Parameters (as a Pass) on what they wrote."""
+    states = {
+        n: definition["States"][n] for n in ("TrainingCapacity", "SpotOrOnDemand", "SpotStoppingCondition")
+    }
+    train = {"Type": "Pass", "Parameters": definition["States"]["Train"]["Parameters"], "End": True}
+    machine = {"StartAt": "TrainingCapacity", "States": {**states, "Train": train}}
+    request: dict[str, Any] = _execute(client, machine, STATE_SEEN_BY["Train"], name)
+    return request
+
+
 def test_given_execution_input_when_training_parameters_evaluated_then_valid_create_training_job_request(
     stepfunctions: Any, definition: dict[str, Any]
 ) -> None:
-    parameters = definition["States"]["Train"]["Parameters"]
-
-    request = _evaluate(stepfunctions, parameters, STATE_SEEN_BY["Train"], "Train")
+    request = _training_request(stepfunctions, definition, "Train")
 
     # The name the rest of loraflow derives from a job id (and the IAM policy's `loraflow-*`).
     assert request["TrainingJobName"] == training_job_name("ds-0123abcd")
@@ -124,7 +145,6 @@ def test_given_execution_input_when_training_parameters_evaluated_then_valid_cre
         "InstanceCount": 1,
         "VolumeSizeInGB": 50,
     }
-    assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 14400}
     assert request["HyperParameters"] == {
         "config_file": "config.toml",
         "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -132,3 +152,43 @@ def test_given_execution_input_when_training_parameters_evaluated_then_valid_cre
     }
     assert request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://datasets/cats/"
     assert request["OutputDataConfig"] == {"S3OutputPath": "s3://artifacts/training"}
+    # Botocore's model of CreateTrainingJob accepts it as is (what SageMaker's API would check first).
+    report = ParamValidator().validate(request, _create_training_job_shape())
+    assert not report.has_errors(), report.generate_report()
+
+
+def test_given_spot_training_when_parameters_evaluated_then_spot_with_wait_beyond_runtime_and_checkpoints(
+    stepfunctions: Any, definition: dict[str, Any]
+) -> None:
+    request = _training_request(stepfunctions, definition, "TrainSpot")
+
+    assert request["EnableManagedSpotTraining"] is True
+    assert request["StoppingCondition"] == {
+        "MaxRuntimeInSeconds": 14400,
+        "MaxWaitTimeInSeconds": 14400 + 3600,
+    }
+    # The prefix the API reads progress.json from, and SageMaker restores after an interruption.
+    assert request["CheckpointConfig"] == {
+        "S3Uri": f"s3://artifacts/{checkpoint_prefix('ds-0123abcd')}",
+        "LocalPath": "/opt/ml/checkpoints",
+    }
+
+
+def test_given_on_demand_training_when_parameters_evaluated_then_no_spot_wait_but_still_checkpoints(
+    stepfunctions: Any,
+) -> None:
+    request = _training_request(stepfunctions, _substituted(use_spot="false"), "TrainOnDemand")
+
+    # SageMaker refuses MaxWaitTimeInSeconds unless EnableManagedSpotTraining is true.
+    assert request["EnableManagedSpotTraining"] is False
+    assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 14400}
+    assert request["CheckpointConfig"]["S3Uri"] == f"s3://artifacts/{checkpoint_prefix('ds-0123abcd')}"
+
+
+def _create_training_job_shape() -> Any:
+    return (
+        botocore.session.get_session()
+        .get_service_model("sagemaker")
+        .operation_model("CreateTrainingJob")
+        .input_shape
+    )

@@ -62,11 +62,17 @@ class TrainingSummary(_Record):
     steps: int
     final_loss: float | None
     seconds: float
+    # From the training report when the trainer wrote them (older jobs lack them).
+    epochs: int | None = None
+    peak_rss_mb: float | None = None
+    peak_cuda_mb: float | None = None
 
 
 class Artifacts(_Record):
     lora_diffusers_s3_uri: str
     training_report_s3_uri: str
+    # `<output_name>.safetensors` in kohya/A1111/ComfyUI keys; None when the trainer wrote none.
+    lora_kohya_s3_uri: str | None = None
 
 
 class Preview(_Record):
@@ -130,3 +136,20 @@ def job_id_for(dataset: str, fingerprint: str) -> str:
 
 def training_job_name(job_id: str) -> str:
     return f"loraflow-{job_id}"
+
+
+PROGRESS_FILENAME = "progress.json"
+
+
+def checkpoint_prefix(job_id: str) -> str:
+    """Key prefix (in the artifacts bucket) of the training job's `CheckpointConfig.S3Uri`.
+
+    SageMaker mirrors the container's `/opt/ml/checkpoints` there during training and restores it
+    after a spot interruption; the state machine builds the same URI from the job id.
+    """
+    return f"checkpoints/{training_job_name(job_id)}/"
+
+
+def progress_key(job_id: str) -> str:
+    """Where the trainer's `progress.json` lands while the job trains."""
+    return checkpoint_prefix(job_id) + PROGRESS_FILENAME

@@ -1,7 +1,13 @@
 """A stand-in training entrypoint for the runner's contract tests: SageMaker layout in, artifacts out.
 
 The `mode` hyperparameter picks the outcome: succeed, fail (writes the failure file), sleep (runs past
-MaxRuntimeInSeconds), crash (exits 3 without a failure file).
+MaxRuntimeInSeconds), crash (exits 3 without a failure file), checkpoint (below).
+
+checkpoint: like a trainer saving state for spot resume. It records what it found in its checkpoint
+folder (`found_checkpoints.json` in the output data), writes `progress.json` and `state/step-1/`,
+waits for a `release` file in its working directory, then saves `state/step-2/`, drops
+`state/step-1/` (keeping the latest only) and rewrites `progress.json`; `checkpoint_then` = "crash"
+makes it exit 3 after that instead of finishing.
 """
 
 import json
@@ -26,6 +32,30 @@ if mode == "sleep":
 if mode == "crash":
     print("something broke", flush=True)
     sys.exit(3)
+
+
+def _save(folder: Path, step: int) -> None:
+    (folder / "state" / f"step-{step}").mkdir(parents=True, exist_ok=True)
+    (folder / "state" / f"step-{step}" / "lora.pt").write_text(f"weights at step {step}")
+    (folder / "progress.json").write_text(json.dumps({"step": step, "total_steps": 2}))
+
+
+if mode == "checkpoint":
+    checkpoints = Path(os.environ["SM_CHECKPOINT_DIR"])
+    found = {
+        p.relative_to(checkpoints).as_posix(): p.read_text() for p in checkpoints.rglob("*") if p.is_file()
+    }
+    (Path(os.environ["SM_OUTPUT_DATA_DIR"]) / "found_checkpoints.json").write_text(json.dumps(found))
+    _save(checkpoints, 1)
+    deadline = time.monotonic() + 30
+    while not Path("release").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    _save(checkpoints, 2)
+    for stale in (checkpoints / "state" / "step-1").iterdir():
+        stale.unlink()
+    (checkpoints / "state" / "step-1").rmdir()
+    if hyperparameters.get("checkpoint_then") == "crash":
+        sys.exit(3)
 channel = Path(os.environ["SM_CHANNEL_DATASET"])
 seen = {
     "files": sorted(p.relative_to(channel).as_posix() for p in channel.rglob("*") if p.is_file()),
