@@ -341,3 +341,17 @@ def test_given_warmup_when_in_steps_then_fraction_of_total_or_capped_count(
     config = parse(f'lr_scheduler = "cosine"\nmax_train_epochs = 1\nlr_warmup_steps = {warmup}')
 
     assert config.warmup_steps(total) == expected
+
+
+@pytest.mark.parametrize(
+    "name", ["pytorch_lora_weights", "PyTorch_LoRA_Weights", "pytorch_lora_weights.safetensors"]
+)
+def test_given_output_name_of_the_diffusers_file_when_parsed_then_rejected(name: str) -> None:
+    assert rejection(f'output_name = "{name}"') == [
+        f"output_name: '{name}' is reserved for the diffusers-format file"
+        " loraflow also writes; choose another name"
+    ]
+
+
+def test_given_other_output_name_when_parsed_then_kept() -> None:
+    assert parse('output_name = "pytorch_lora_weights_v2"').output_name == "pytorch_lora_weights_v2"

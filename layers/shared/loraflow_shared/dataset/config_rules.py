@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 def conflicts(config: TrainingConfig) -> list[str]:
     """Messages for key combinations no trainer could honour (empty when consistent)."""
-    return _bucket_conflicts(config) + _warmup_conflicts(config)
+    return _bucket_conflicts(config) + _warmup_conflicts(config) + _output_conflicts(config)
 
 
 def moot_settings(config: TrainingConfig) -> list[tuple[str, str]]:
@@ -67,4 +67,17 @@ def _warmup_conflicts(config: TrainingConfig) -> list[str]:
     steps_known = config.max_train_epochs is None
     if isinstance(warmup, int) and steps_known and warmup > config.max_train_steps:
         return [f"lr_warmup_steps: must be at most max_train_steps ({config.max_train_steps}), got {warmup}"]
+    return []
+
+
+# The trainer writes the diffusers-format LoRA under this name: a kohya file named so would replace it.
+DIFFUSERS_LORA_STEM = "pytorch_lora_weights"
+
+
+def _output_conflicts(config: TrainingConfig) -> list[str]:
+    if config.output_name.lower().removesuffix(".safetensors") == DIFFUSERS_LORA_STEM:
+        return [
+            f"output_name: '{config.output_name}' is reserved for the diffusers-format file"
+            " loraflow also writes; choose another name"
+        ]
     return []
