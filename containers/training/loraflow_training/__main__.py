@@ -56,7 +56,7 @@ def run_training(paths: TrainingPaths) -> LoraTrainingReport:
         network_dim=config.network_dim,
         network_alpha=config.network_alpha,
         learning_rate=config.learning_rate,
-        train_batch_size=config.train_batch_size,
+        train_batch_size=config.train_batch_size or 1,  # unpinned: batch 1 (no memory plan yet)
         output_name=config.output_name,
         images=len(training_set.samples),
         images_per_subset=training_set.images_by_subset(),

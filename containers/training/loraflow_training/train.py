@@ -57,7 +57,7 @@ def train_lora(
     _offload_frozen_encoders(pipe)
     add_lora(pipe, config)
     batches = shuffled_batches(
-        epoch, config.train_batch_size, generator=torch.Generator().manual_seed(config.seed)
+        epoch, config.train_batch_size or 1, generator=torch.Generator().manual_seed(config.seed)
     )
     return _run_steps(pipe, family, latents, conditioning, batches, config, generator)
 
