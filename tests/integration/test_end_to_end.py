@@ -14,6 +14,7 @@ import pytest
 from loraflow_local.client import TERMINAL_STATUSES, StackClient
 from loraflow_local.sample_dataset import CONFIG_NAME, SAMPLE_DATASET_ID, write_sample_dataset
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.integration
@@ -89,7 +90,15 @@ def test_given_good_dataset_when_uploaded_then_job_completes_with_lora_and_previ
         job["artifacts"]["lora_diffusers_url"], outcomes["tmp"] / "lora.safetensors"
     )
     weights = load_file(str(lora))
-    assert weights and all(key.startswith("unet.") for key in weights), list(weights)[:5]
+    components = {key.split(".")[0] for key in weights}
+    assert "unet" in components and components <= {"unet", "text_encoder"}, sorted(components)
+    kohya = outcomes["client"].download(
+        job["artifacts"]["lora_kohya_url"], outcomes["tmp"] / "demo-lora.safetensors"
+    )
+    with safe_open(str(kohya), framework="pt") as handle:
+        assert handle.metadata()["ss_output_name"] == "demo-lora"
+        kohya_keys = handle.keys()  # a safe_open handle is not a dict: keys() is its API
+        assert any(key.startswith("lora_unet_") and key.endswith(".alpha") for key in kohya_keys)
     assert len(job["previews"]) >= 2
     for preview in job["previews"]:
         png = outcomes["client"].download(preview["url"], outcomes["tmp"] / "preview.png")

@@ -1,7 +1,8 @@
-"""Device and dtype choice: the one place that decides precision."""
+"""Device and dtype choice: the one place that decides precision and reads what the hardware offers."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Literal
 
@@ -26,3 +27,21 @@ def pick_dtype(device: torch.device, mixed_precision: MixedPrecision) -> torch.d
         return torch.bfloat16
     logger.warning("bf16 asked but this GPU does not support it: using fp32")
     return torch.float32
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of a CUDA device; None on the CPU (no device memory to plan for)."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(device).total_memory)
+
+
+def bitsandbytes_available() -> bool:
+    """8-bit optimizers need the bitsandbytes package, and a CUDA device to run on."""
+    return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+
+
+def peak_device_memory_bytes(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.max_memory_allocated(device))

@@ -1,15 +1,18 @@
 """One specification per model family: what differs between SD 1.5 and SDXL lives here, not in the loop.
 
 A family knows its pipeline class, how to recognise its checkpoints (a diffusers `model_index.json`
-class name, or keys of a single-file checkpoint) and how to turn captions into the UNet's conditioning.
+class name, or keys of a single-file checkpoint), its text encoders, and how captions become the
+UNet's conditioning: tokenize (host work), encode (the text encoders, trainable when their LoRA is),
+then add per-size conditioning (SDXL's time ids).
 """
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -18,11 +21,25 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 
 # What `load_pipeline` returns: one of the families' pipeline classes.
 SupportedPipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
+Size = tuple[int, int]  # (width, height)
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """The text encoders' output for a set of captions (first dimension = caption)."""
+
+    hidden_states: torch.Tensor
+    pooled: torch.Tensor | None = None  # SDXL: the second encoder's projected pooled output
+
+    def select(self, indices: torch.Tensor) -> TextEmbeddings:
+        return TextEmbeddings(
+            self.hidden_states[indices], None if self.pooled is None else self.pooled[indices]
+        )
 
 
 @dataclass(frozen=True)
 class Conditioning:
-    """Text conditioning for a set of samples (first dimension = sample), computed once before training."""
+    """What the UNet is conditioned on for a batch (first dimension = sample)."""
 
     encoder_hidden_states: torch.Tensor
     # SDXL's micro-conditioning (`text_embeds`, `time_ids`); empty for SD 1.5.
@@ -45,12 +62,49 @@ class ModelFamily(ABC):
     single_file_marker_key: ClassVar[str]
     # Extra `from_pretrained` arguments (e.g. no safety checker: previews are of the user's own data).
     load_kwargs: ClassVar[dict[str, Any]] = {}
+    # Pipeline attributes, in order: the text encoders and their tokenizers.
+    text_encoder_names: ClassVar[tuple[str, ...]]
+    tokenizer_names: ClassVar[tuple[str, ...]]
+    # Whether kohya's `clip_skip` applies (SD 1.x only; kohya ignores it for SDXL).
+    supports_clip_skip: ClassVar[bool]
+
+    def text_encoders(self, pipe: DiffusionPipeline) -> list[Any]:
+        """The pipeline's text encoders (transformers models, typed loosely by the libraries)."""
+        return [getattr(pipe, name) for name in self.text_encoder_names]
+
+    def tokenize(self, pipe: DiffusionPipeline, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """Token ids `[N, 77]` per tokenizer, padded and truncated as the pipelines do."""
+        return [
+            tokenizer(
+                list(prompts),
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            for tokenizer in (getattr(pipe, name) for name in self.tokenizer_names)
+        ]
 
     @abstractmethod
+    def encode_tokens(
+        self,
+        text_encoders: Sequence[torch.nn.Module],
+        token_ids: Sequence[torch.Tensor],
+        clip_skip: int | None = None,
+    ) -> TextEmbeddings:
+        """Run the text encoders (on the ids' device); `clip_skip` in kohya's sense (1 = last layer)."""
+
+    def conditioning(self, text: TextEmbeddings, size: Size) -> Conditioning:
+        """The UNet conditioning for a batch of images of one `size` (width, height)."""
+        return Conditioning(text.hidden_states)
+
     def encode_prompts(
-        self, pipe: DiffusionPipeline, prompts: Sequence[str], resolution: tuple[int, int]
+        self, pipe: DiffusionPipeline, prompts: Sequence[str], resolution: Size, clip_skip: int | None = None
     ) -> Conditioning:
-        """Text embeddings for each prompt, on the pipeline's device, without classifier-free guidance."""
+        """Conditioning for prompts at `resolution`, on the pipeline's device, without guidance."""
+        ids = [tokens.to(pipe.device) for tokens in self.tokenize(pipe, prompts)]
+        text = self.encode_tokens(self.text_encoders(pipe), ids, clip_skip)
+        return self.conditioning(text, resolution)
 
     def predict(
         self, unet: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
@@ -72,14 +126,28 @@ class StableDiffusion15(ModelFamily):
     pipeline_class_names = frozenset({"StableDiffusionPipeline"})
     single_file_marker_key = "model.diffusion_model.output_blocks.11.0.skip_connection.weight"
     load_kwargs: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
+    text_encoder_names = ("text_encoder",)
+    tokenizer_names = ("tokenizer",)
+    supports_clip_skip = True
 
-    def encode_prompts(
-        self, pipe: DiffusionPipeline, prompts: Sequence[str], resolution: tuple[int, int]
-    ) -> Conditioning:
-        prompt_embeds, _ = pipe.encode_prompt(
-            list(prompts), pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-        return Conditioning(prompt_embeds)
+    def encode_tokens(
+        self,
+        text_encoders: Sequence[torch.nn.Module],
+        token_ids: Sequence[torch.Tensor],
+        clip_skip: int | None = None,
+    ) -> TextEmbeddings:
+        (encoder,), (ids,) = text_encoders, token_ids
+        if clip_skip is None or clip_skip == 1:
+            return TextEmbeddings(encoder(ids)[0])  # last_hidden_state (after the final layer norm)
+        # kohya: the hidden state `clip_skip` layers from the end, through the final layer norm.
+        hidden = encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+        return TextEmbeddings(_final_layer_norm(encoder)(hidden))
+
+
+def _final_layer_norm(encoder: torch.nn.Module) -> torch.nn.Module:
+    """transformers 5 flattened `CLIPTextModel` (no `.text_model`); older versions nest it."""
+    text_model = getattr(encoder, "text_model", encoder)
+    return cast(torch.nn.Module, text_model.final_layer_norm)
 
 
 class StableDiffusionXL(ModelFamily):
@@ -89,24 +157,41 @@ class StableDiffusionXL(ModelFamily):
     pipeline_class = StableDiffusionXLPipeline
     pipeline_class_names = frozenset({"StableDiffusionXLPipeline"})
     single_file_marker_key = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    tokenizer_names = ("tokenizer", "tokenizer_2")
+    supports_clip_skip = False
 
-    def encode_prompts(
-        self, pipe: DiffusionPipeline, prompts: Sequence[str], resolution: tuple[int, int]
-    ) -> Conditioning:
-        prompt_embeds, _, pooled, _ = pipe.encode_prompt(
-            list(prompts), device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+    def encode_tokens(
+        self,
+        text_encoders: Sequence[torch.nn.Module],
+        token_ids: Sequence[torch.Tensor],
+        clip_skip: int | None = None,
+    ) -> TextEmbeddings:
+        """As `StableDiffusionXLPipeline.encode_prompt`: both penultimate layers, the second's pooled."""
+        hidden_states, pooled = [], None
+        for encoder, ids in zip(text_encoders, token_ids, strict=True):
+            output = encoder(ids, output_hidden_states=True)
+            if output[0].ndim == 2:  # the encoder with projection: its first output is pooled
+                pooled = output[0]
+            hidden_states.append(output.hidden_states[-2])
+        return TextEmbeddings(torch.cat(hidden_states, dim=-1), pooled)
+
+    def conditioning(self, text: TextEmbeddings, size: Size) -> Conditioning:
+        if text.pooled is None:
+            raise ValueError("SDXL conditioning needs the pooled text embeddings")
+        time_ids = _time_ids(size, text.hidden_states.dtype, text.pooled.device)
+        batch = len(text.hidden_states)
+        return Conditioning(
+            text.hidden_states, {"text_embeds": text.pooled, "time_ids": time_ids.expand(batch, -1)}
         )
-        width, height = resolution
-        # Images are resized and centre-cropped to the training size: original = target, crop at (0, 0).
-        time_ids = pipe._get_add_time_ids(
-            (height, width),
-            (0, 0),
-            (height, width),
-            dtype=prompt_embeds.dtype,
-            text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
-        )
-        time_ids = time_ids.to(pipe.device).repeat(len(prompts), 1)
-        return Conditioning(prompt_embeds, {"text_embeds": pooled, "time_ids": time_ids})
+
+
+@functools.lru_cache(maxsize=64)
+def _time_ids(size: Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """SDXL's `[1, 6]` time ids for images resized and centre-cropped to `size`: original = target, crop
+    at (0, 0). Cached: a host-to-GPU copy every step would stall the GPU queue."""
+    width, height = size
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype).to(device)
 
 
 FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion15(), StableDiffusionXL())
@@ -118,6 +203,10 @@ def family_for_class_name(class_name: str) -> ModelFamily | None:
 
 def family_for_checkpoint_keys(keys: Collection[str]) -> ModelFamily | None:
     return next((f for f in FAMILIES if f.single_file_marker_key in keys), None)
+
+
+def family_named(name: str) -> ModelFamily:
+    return next(f for f in FAMILIES if f.name == name)
 
 
 def family_of(pipe: DiffusionPipeline) -> ModelFamily:

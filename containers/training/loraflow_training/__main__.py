@@ -1,72 +1,180 @@
-"""`python -m loraflow_training [train]`: SageMaker runs the image with `train`; exit 1 on any failure."""
+"""`python -m loraflow_training [train]`: SageMaker runs the image with `train`; exit 1 on any failure.
+
+With several GPUs (or `LORAFLOW_NUM_PROCESSES`), this process starts one worker per device and waits;
+each worker runs `run_training`, and only the main one writes the model dir, checkpoints and progress.
+"""
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
 
-from loraflow_diffusion.device import pick_device, pick_dtype
-from loraflow_diffusion.families import family_of
+import torch
+from loraflow_diffusion.device import bitsandbytes_available, device_memory_bytes, pick_dtype
+from loraflow_diffusion.families import ModelFamily, SupportedPipeline, family_of
 from loraflow_diffusion.models import load_pipeline
 from loraflow_diffusion.sagemaker_env import TrainingPaths
+from loraflow_shared.dataset.config import ParsedConfig, TrainingConfig
+from loraflow_shared.errors import ErrorCode, Problem
 
-from loraflow_training.data import load_images, scan_dataset
+from loraflow_training.checkpointing import CheckpointIdentity, CheckpointStore
+from loraflow_training.data import TrainingData, load_training_data
+from loraflow_training.distributed import (
+    is_worker,
+    launch_workers,
+    make_accelerator,
+    process_count,
+    process_state,
+)
 from loraflow_training.failure import problem_for, write_failure
-from loraflow_training.outputs import LoraTrainingReport, save_lora, write_report
-from loraflow_training.settings import Hyperparameters, read_config
-from loraflow_training.train import train_lora
+from loraflow_training.memory_plan import MemoryPlan, plan_memory
+from loraflow_training.network import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
+from loraflow_training.oom import is_out_of_memory, out_of_memory_error
+from loraflow_training.progress import ProgressReporter
+from loraflow_training.resolve import applied_config, resolve_run
+from loraflow_training.settings import Hyperparameters, TrainerSettings, read_config
+from loraflow_training.train import Persistence, RunSettings, TrainingOutcome, train_lora
+from loraflow_training.wrapup import RunFacts, write_outputs
 
 DATASET_CHANNEL = "dataset"
+CHECKPOINT_SUBDIR = "state"
+PROGRESS_FILE = "progress.json"
 
 logger = logging.getLogger("loraflow_training")
 
 
-def run_training(paths: TrainingPaths) -> LoraTrainingReport:
-    started = time.monotonic()
+@dataclass(frozen=True)
+class PreparedRun:
+    """Everything decided before the first step."""
+
+    parsed: ParsedConfig
+    data: TrainingData
+    pipe: SupportedPipeline
+    family: ModelFamily
+    plan: MemoryPlan
+    run: RunSettings
+    adjusted: list[str]  # SETTING_ADJUSTED messages
+    processes: int  # data-parallel processes
+
+
+def run_training(
+    paths: TrainingPaths, settings: TrainerSettings, stop: threading.Event | None = None
+) -> TrainingOutcome:
+    started, started_at = time.monotonic(), datetime.now(UTC)
     hyperparameters = Hyperparameters.from_paths(paths)
-    dataset_dir = paths.channel(DATASET_CHANNEL)
-    parsed = read_config(dataset_dir, hyperparameters.config_file)
+    prepared = prepare_run(paths, hyperparameters)
+    config = prepared.parsed.config
+    accelerator = make_accelerator(prepared.pipe.unet.dtype, config.gradient_accumulation_steps)
+    persistence = _persistence(paths, settings, prepared, hyperparameters, accelerator.is_main_process)
+    if stop is not None:
+        persistence.stop = stop
+    try:
+        outcome = train_lora(
+            prepared.pipe, prepared.family, prepared.data, config, prepared.run, accelerator, persistence
+        )
+        if accelerator.is_main_process:
+            seconds = time.monotonic() - started  # to the last step: the effect check is not training
+            facts = _facts(prepared, hyperparameters, outcome, started_at, seconds, accelerator.num_processes)
+            write_outputs(paths.model_dir, prepared.pipe, prepared.family, facts)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise out_of_memory_error(prepared.plan, exc) from exc
+        raise
+    return outcome
+
+
+def _facts(
+    prepared: PreparedRun,
+    hyperparameters: Hyperparameters,
+    outcome: TrainingOutcome,
+    started_at: datetime,
+    seconds: float,
+    processes: int,
+) -> RunFacts:
+    return RunFacts(
+        hyperparameters=hyperparameters,
+        parsed=prepared.parsed,
+        data=prepared.data,
+        plan=prepared.plan,
+        run=prepared.run,
+        adjusted=[_adjusted(message, hyperparameters.config_file) for message in prepared.adjusted],
+        outcome=outcome,
+        started_at=started_at,
+        seconds=seconds,
+        processes=processes,
+    )
+
+
+def prepare_run(paths: TrainingPaths, hyperparameters: Hyperparameters) -> PreparedRun:
+    """Config, data (every image decoded once: a broken one fails in seconds), model and plan."""
+    parsed = read_config(paths.channel(DATASET_CHANNEL), hyperparameters.config_file)
     config = parsed.config
-    training_set = scan_dataset(dataset_dir)
-    pixels = load_images(dataset_dir, training_set.samples, config.resolution)
-    logger.info("%d images, %d samples per epoch", len(training_set.samples), len(training_set.epoch()))
-
-    device = pick_device()
-    dtype = pick_dtype(device, config.mixed_precision)
-    pipe = load_pipeline(
-        hyperparameters.base_model, device=device, dtype=dtype, cache_dir=paths.model_cache_dir
+    data = load_training_data(paths.channel(DATASET_CHANNEL), config)
+    state = process_state()
+    logger.info(
+        "%d images, %d samples per epoch, %d process(es)",
+        len(data.samples),
+        len(data.epoch_indices()),
+        state.num_processes,
     )
+    with state.main_process_first():  # one download into the shared model cache
+        pipe = load_pipeline(
+            hyperparameters.base_model,
+            device=state.device,
+            dtype=pick_dtype(state.device, config.mixed_precision),
+            cache_dir=paths.model_cache_dir,
+            expect_family=_expected_family(config),
+        )
     family = family_of(pipe)
-    captions = [sample.caption for sample in training_set.samples]
-    outcome = train_lora(pipe, family, pixels, captions, training_set.epoch(), config)
-
-    paths.model_dir.mkdir(parents=True, exist_ok=True)
-    save_lora(pipe, family, paths.model_dir)
-    report = LoraTrainingReport(
-        steps=outcome.steps,
-        final_loss=outcome.final_loss,
-        seconds=round(time.monotonic() - started, 3),
-        ignored_keys=parsed.ignored_keys,
-        job_id=hyperparameters.job_id,
-        base_model=hyperparameters.base_model,
-        model_family=family.name,
-        resolution=config.resolution,
-        network_dim=config.network_dim,
-        network_alpha=config.network_alpha,
-        learning_rate=config.learning_rate,
-        train_batch_size=config.train_batch_size or 1,  # unpinned: batch 1 (no memory plan yet)
-        output_name=config.output_name,
-        images=len(training_set.samples),
-        images_per_subset=training_set.images_by_subset(),
-        repeats=training_set.repeats_by_subset(),
-        samples_per_epoch=len(training_set.epoch()),
-        device=device.type,
-        dtype=str(dtype).removeprefix("torch."),
+    eight_bit = bitsandbytes_available()
+    largest = max((s.bucket for s in data.samples), key=lambda size: size[0] * size[1])
+    plan = plan_memory(config, family.name, largest, device_memory_bytes(state.device), eight_bit)
+    run, adjusted = resolve_run(
+        config, plan, family, data, processes=state.num_processes, eight_bit_available=eight_bit
     )
-    write_report(paths.model_dir, report)
-    return report
+    logger.info("memory plan: %s", plan.describe())
+    return PreparedRun(parsed, data, pipe, family, plan, run, adjusted, state.num_processes)
+
+
+def _expected_family(config: TrainingConfig) -> Literal["sd15", "sdxl"] | None:
+    if config.sdxl is None:
+        return None
+    return "sdxl" if config.sdxl else "sd15"
+
+
+def _persistence(
+    paths: TrainingPaths,
+    settings: TrainerSettings,
+    prepared: PreparedRun,
+    hyperparameters: Hyperparameters,
+    is_main: bool,
+) -> Persistence:
+    run = prepared.run
+    targets = UNET_TARGET_MODULES + (TEXT_ENCODER_TARGET_MODULES if run.train_text_encoder else [])
+    # A checkpoint of another LoRA, base model or applied config is refused, never silently mixed in.
+    identity = CheckpointIdentity.for_run(
+        applied_config(prepared.parsed.config, run), hyperparameters.base_model, targets
+    )
+    progress = ProgressReporter(
+        paths.checkpoint_dir / PROGRESS_FILE, run.total_steps, settings.loraflow_progress_interval_s
+    )
+    return Persistence(
+        checkpoints=CheckpointStore(paths.checkpoint_dir / CHECKPOINT_SUBDIR, identity),
+        progress=progress if is_main else None,
+        progress_interval_s=settings.loraflow_progress_interval_s,
+    )
+
+
+def _adjusted(message: str, config_file: str) -> Problem:
+    return Problem(code=ErrorCode.SETTING_ADJUSTED, path=config_file, message=message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,15 +185,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     paths = TrainingPaths.from_env()
     try:
-        report = run_training(paths)
+        settings = TrainerSettings.from_environ()
+        processes = process_count(settings.loraflow_num_processes)
+        if processes > 1 and not is_worker():
+            return _supervise_workers(paths, processes, args)
+        with _stop_on_sigterm() as stop:
+            outcome = run_training(paths, settings, stop)
     except Exception as exc:
         logger.exception("training failed")  # the trace goes to the logs; the failure file gets one line
-        write_failure(paths.failure_file, problem_for(exc))
+        # In a worker, the first failure is the cause; the others' (peers gone) must not replace it.
+        write_failure(paths.failure_file, problem_for(exc), keep_existing=is_worker())
         return 1
-    logger.info(
-        "training done: %d steps, final loss %s, %.1f s", report.steps, report.final_loss, report.seconds
-    )
+    finally:
+        if is_worker():
+            _leave_process_group()
+    logger.info("training done: %d steps, final loss %s", outcome.steps, outcome.final_loss)
     return 0
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[threading.Event]:
+    """SageMaker stops a job (and a spot interruption ends it) with SIGTERM, then SIGKILL 120 s later:
+    the loop checkpoints at its next sync point and stops, so a restarted job loses little."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        logger.warning("SIGTERM: checkpointing at the next sync point, then stopping")
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _supervise_workers(paths: TrainingPaths, processes: int, args: list[str]) -> int:
+    logger.info("starting %d training processes", processes)
+    status = launch_workers(processes, args)
+    if status == 0:
+        return 0
+    if not paths.failure_file.exists():
+        message = f"a training process exited with status {status} without a reason"
+        write_failure(paths.failure_file, Problem(code=ErrorCode.TRAINING_FAILED, path="", message=message))
+    return 1
+
+
+def _leave_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

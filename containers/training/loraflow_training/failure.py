@@ -34,6 +34,11 @@ def failure_json(problem: Problem) -> str:
         message = message[: max(0, len(message) - excess - len(_ELLIPSIS))] + _ELLIPSIS
 
 
-def write_failure(failure_file: Path, problem: Problem) -> None:
+def write_failure(failure_file: Path, problem: Problem, keep_existing: bool = False) -> None:
+    """Write the failure file; with `keep_existing`, a reason another process wrote first stays."""
     failure_file.parent.mkdir(parents=True, exist_ok=True)
-    failure_file.write_text(failure_json(problem), encoding="utf-8")
+    try:
+        with failure_file.open("x" if keep_existing else "w", encoding="utf-8") as out:
+            out.write(failure_json(problem))
+    except FileExistsError:
+        pass

@@ -9,6 +9,7 @@ from loraflow_diffusion.sagemaker_env import TrainingPaths
 from loraflow_shared.dataset.config import ParsedConfig, parse_config
 from loraflow_shared.dataset.layout import check_key_safe
 from loraflow_shared.errors import ErrorCode, LoraflowError
+from loraflow_shared.settings import EnvSettings
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
@@ -35,6 +36,16 @@ class Hyperparameters(BaseModel):
             ) from exc
         except ValueError as exc:  # not JSON, or not an object
             raise LoraflowError(ErrorCode.INTERNAL_ERROR, f"unreadable hyperparameters: {exc}") from exc
+
+
+class TrainerSettings(EnvSettings):
+    """The trainer's own environment (SageMaker sets none of it; tests and local runs may)."""
+
+    # Processes for data-parallel training; unset: one per CUDA device (one on a CPU-only machine).
+    # Set (e.g. 2) to run several CPU processes with gloo.
+    loraflow_num_processes: int | None = Field(default=None, ge=1, le=64)
+    # Seconds between progress.json updates (the API shows them; at least every 30 s is promised).
+    loraflow_progress_interval_s: float = Field(default=15.0, gt=0, le=30)
 
 
 def read_config(dataset_dir: Path, config_file: str) -> ParsedConfig:

@@ -1,65 +1,150 @@
-"""The LoRA training loop (after diffusers' train_dreambooth_lora.py, minus what one GPU does not need).
+"""The LoRA training loop (after diffusers' train_dreambooth_lora.py, with kohya's options).
 
-Latents and text embeddings are computed once before the loop, so a step is only: pick a batch,
-add noise, predict it, step the optimizer. Model-family differences go through `ModelFamily`.
+`train_lora` reads top to bottom: seed, prepare latents and text (cached once where the plan allows),
+add the LoRA adapters, build the optimizer and schedule, resume from the latest checkpoint, run the
+steps. A step draws one global batch (every data-parallel process draws the same one and trains on its
+own rows), adds noise, predicts it and steps the optimizer under accelerate. Nothing in a step waits
+for the GPU: losses stay on the device and are read every `LOG_EVERY` steps, where non-finite losses,
+progress, the metric log lines and checkpoints are handled. Model-family differences go through
+`ModelFamily`.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import cast
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from accelerate import Accelerator
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
-from diffusers.training_utils import cast_training_params
-from loraflow_diffusion.families import Conditioning, ModelFamily
+from loraflow_diffusion.families import ModelFamily
+from loraflow_shared.dataset.config import Optimizer as OptimizerName
 from loraflow_shared.dataset.config import TrainingConfig
 from loraflow_shared.errors import ErrorCode, LoraflowError
-from peft import LoraConfig
 
-from loraflow_training.data import to_model_range
+from loraflow_training.batching import BatchStream, GlobalBatch, RandomStreams
+from loraflow_training.checkpointing import CheckpointStore, global_rng_state, restore_global_rng
+from loraflow_training.data import TrainingData
+from loraflow_training.loss import DenoisingObjective, NoiseDraw, noise_scheduler_for
+from loraflow_training.network import (
+    LoraDenoiser,
+    add_lora,
+    enable_gradient_checkpointing,
+    load_lora_state,
+    lora_state,
+    trainable_parameters,
+    trained_modules,
+)
+from loraflow_training.optim import ParamGroup, build_lr_scheduler, build_optimizer
+from loraflow_training.progress import ProgressReporter
+from loraflow_training.report import LossPoint
+from loraflow_training.sources import (
+    CachedEmbeddings,
+    CachedLatents,
+    EncodedLatents,
+    LatentSource,
+    Shard,
+    TextSource,
+    text_source,
+    to_device,
+)
 
-LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # the UNet's attention projections
-SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
-LOG_EVERY = 10
-_ENCODE_CHUNK = 8  # images (or captions) per encoder forward: bounds memory, not speed
+LOG_EVERY = 10  # steps between loss reads (the only host syncs), metric lines and NaN checks
+DEFAULT_CHECKPOINT_STEPS = 100
+DEFAULT_CHECKPOINT_SECONDS = 600.0
+CHECKPOINT_FORMAT = 1
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How this run trains, once the memory plan and the hardware have decided the unpinned knobs."""
+
+    batch_size: int  # per process
+    optimizer: OptimizerName
+    gradient_checkpointing: bool
+    cache_latents: bool
+    train_text_encoder: bool
+    clip_skip: int | None  # None where the family ignores it
+    total_steps: int
+    checkpoint_every_steps: int = DEFAULT_CHECKPOINT_STEPS
+    checkpoint_every_seconds: float | None = DEFAULT_CHECKPOINT_SECONDS
+
+
+@dataclass
+class Persistence:
+    """Checkpoints (read by every process, written by rank 0) and progress (rank 0)."""
+
+    checkpoints: CheckpointStore | None = None
+    progress: ProgressReporter | None = None
+    progress_interval_s: float = 15.0
+    # Set on SIGTERM (SageMaker's stop, a spot interruption): checkpoint at the next sync, then stop.
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(frozen=True)
 class TrainingOutcome:
     steps: int
     final_loss: float  # mean loss over the last logging interval
+    loss_curve: list[LossPoint]  # (last step, mean loss) per logging interval, over processes
+    step_losses: list[float]  # every step's loss (mean over processes)
+    resumed_from_step: int | None
+    images_per_bucket: dict[str, int]  # "WxH" -> images seen, counting repeats and epochs
+    epochs: float  # samples seen / samples per epoch
 
 
 def train_lora(
     pipe: DiffusionPipeline,
     family: ModelFamily,
-    pixels: torch.Tensor,
-    captions: Sequence[str],
-    epoch: Sequence[int],
+    data: TrainingData,
     config: TrainingConfig,
+    run: RunSettings,
+    accelerator: Accelerator,
+    persistence: Persistence | None = None,
 ) -> TrainingOutcome:
-    """Train a LoRA on `pipe.unet` in place. `pixels`: uint8 [N,3,H,W]; `epoch`: sample indices per epoch."""
+    """Train LoRA adapters on `pipe` in place; only the main process writes (checkpoints, progress)."""
+    persistence = persistence or Persistence()
     seed_everything(config.seed)
-    device = pipe.device
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    with torch.no_grad():
-        latents = encode_latents(pipe, pixels, generator)
-        conditioning = encode_captions(pipe, family, captions, config.resolution)
-    _offload_frozen_encoders(pipe)
-    add_lora(pipe, config)
-    batches = shuffled_batches(
-        epoch, config.train_batch_size or 1, generator=torch.Generator().manual_seed(config.seed)
+    device = pipe.unet.device
+    randoms = RandomStreams.seeded(config.seed, device)
+    latents = _latent_source(pipe, data, config, run, randoms)
+    text = text_source(pipe, family, data, run.train_text_encoder, run.clip_skip)
+    add_lora(pipe, family, config, run.train_text_encoder)
+    if run.gradient_checkpointing:
+        enable_gradient_checkpointing(pipe, family, run.train_text_encoder)
+    _offload_unused(pipe, family, run, text)
+    modules = trained_modules(pipe, family, run.train_text_encoder)
+    optimizer = build_optimizer(run.optimizer, _param_groups(modules, config))
+    lr_schedule = build_lr_scheduler(config, optimizer, run.total_steps)
+    encoders = [] if isinstance(text, CachedEmbeddings) else family.text_encoders(pipe)
+    denoiser = LoraDenoiser(family, pipe.unet, encoders, run.clip_skip)
+    loop = TrainingLoop(
+        denoiser=denoiser,
+        objective=DenoisingObjective(
+            noise_scheduler_for(pipe), device, config.noise_offset, config.min_snr_gamma
+        ),
+        latents=latents,
+        text=text,
+        batches=BatchStream(data, run.batch_size, accelerator, config.seed),
+        randoms=randoms,
+        optimizer=optimizer,
+        lr_schedule=lr_schedule,
+        accelerator=accelerator,
+        settings=run,
+        config=config,
+        data=data,
+        latent_shape=(pipe.unet.config.in_channels, pipe.vae_scale_factor),
+        persistence=persistence,
+        modules=modules,
     )
-    return _run_steps(pipe, family, latents, conditioning, batches, config, generator)
+    start_step = loop.resume()
+    return loop.run(start_step)
 
 
 def seed_everything(seed: int) -> None:
@@ -68,146 +153,261 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds CUDA; the LoRA's gaussian init draws from it
 
 
-def encode_latents(pipe: DiffusionPipeline, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    vae = pipe.vae
-    # SDXL's VAE overflows in fp16 (its config says so): encode in fp32 then.
-    encode_dtype = torch.float32 if getattr(vae.config, "force_upcast", False) else vae.dtype
-    if vae.dtype != encode_dtype:
-        vae.to(dtype=encode_dtype)
-    chunks = []
-    for start in range(0, len(pixels), _ENCODE_CHUNK):
-        images = to_model_range(pixels[start : start + _ENCODE_CHUNK]).to(pipe.device, encode_dtype)
-        chunks.append(vae.encode(images).latent_dist.sample(generator=generator))
-    return torch.cat(chunks).float() * vae.config.scaling_factor
-
-
-def encode_captions(
-    pipe: DiffusionPipeline, family: ModelFamily, captions: Sequence[str], resolution: tuple[int, int]
-) -> Conditioning:
-    parts = [
-        family.encode_prompts(pipe, captions[start : start + _ENCODE_CHUNK], resolution)
-        for start in range(0, len(captions), _ENCODE_CHUNK)
-    ]
-    return Conditioning(
-        torch.cat([part.encoder_hidden_states for part in parts]),
-        {
-            name: torch.cat([part.added_cond_kwargs[name] for part in parts])
-            for name in parts[0].added_cond_kwargs
-        },
-    )
-
-
-def _offload_frozen_encoders(pipe: DiffusionPipeline) -> None:
-    """Everything was encoded once: the VAE and text encoders can leave the GPU for the UNet's sake."""
-    for name in ("vae", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name, None)
-        if module is not None:
-            module.to("cpu")
-
-
-def add_lora(pipe: DiffusionPipeline, config: TrainingConfig) -> None:
-    unet = pipe.unet
-    unet.requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(
-            r=config.network_dim,
-            # kohya's alpha may be fractional; peft annotates int but only ever computes alpha / r.
-            lora_alpha=config.network_alpha,  # type: ignore[arg-type]
-            init_lora_weights="gaussian",
-            target_modules=LORA_TARGET_MODULES,
-        )
-    )
-    # Frozen weights may be half precision; the trained LoRA weights stay fp32 (autocast does the rest).
-    cast_training_params(unet, dtype=torch.float32)
-
-
-def shuffled_batches(
-    epoch: Sequence[int], batch_size: int, generator: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """Endless batches of sample indices: each epoch reshuffled, the last batch of an epoch may be short."""
-    indices = torch.tensor(list(epoch), dtype=torch.long)
-    while True:
-        shuffled = indices[torch.randperm(len(indices), generator=generator)]
-        yield from shuffled.split(batch_size)
-
-
-def _run_steps(
+def _latent_source(
     pipe: DiffusionPipeline,
-    family: ModelFamily,
-    latents: torch.Tensor,
-    conditioning: Conditioning,
-    batches: Iterator[torch.Tensor],
+    data: TrainingData,
     config: TrainingConfig,
-    generator: torch.Generator,
-) -> TrainingOutcome:
-    unet = pipe.unet
-    device = unet.device  # not pipe.device: the encoders were moved off to the CPU
-    unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
-    scheduler = noise_scheduler_for(pipe)
-    half = unet.dtype if unet.dtype in (torch.float16, torch.bfloat16) else None
-    scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
-    interval_loss = torch.zeros((), device=device)
-    interval_start, final_loss = 1, float("nan")
-    for step in range(1, config.max_train_steps + 1):
-        batch = next(batches).to(device)
-        with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
-            loss = _denoising_loss(
-                unet, family, scheduler, latents[batch], conditioning.select(batch), generator
-            )
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        interval_loss += loss.detach()
-        if step % LOG_EVERY == 0 or step == config.max_train_steps:
-            final_loss = (interval_loss / (step - interval_start + 1)).item()  # the only host sync
-            _check_finite(final_loss, step)
-            print(f"step={step} loss={final_loss:.6f}", flush=True)  # parsed by the job's MetricDefinitions
-            interval_loss.zero_()
-            interval_start = step + 1
-    return TrainingOutcome(steps=config.max_train_steps, final_loss=final_loss)
+    run: RunSettings,
+    randoms: RandomStreams,
+) -> LatentSource:
+    if run.cache_latents:
+        # Its own generator: the cache is the same whether or not a run resumes.
+        generator = torch.Generator(device=pipe.unet.device).manual_seed(config.seed)
+        return CachedLatents(pipe, data, config.flip_aug, generator)
+    return EncodedLatents(pipe, data, randoms.noise)  # per-step samples: from the checkpointed stream
 
 
-def _denoising_loss(
-    unet: torch.nn.Module,
-    family: ModelFamily,
-    scheduler: DDPMScheduler,
-    latents: torch.Tensor,
-    cond: Conditioning,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-    high = scheduler.config["num_train_timesteps"]
-    # diffusers annotates timesteps as IntTensor; any integer tensor works (its own scripts pass int64).
-    timesteps = cast(
-        torch.IntTensor, torch.randint(0, high, (len(latents),), generator=generator, device=latents.device)
-    )
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction = family.predict(unet, noisy, timesteps, cond)
-    if scheduler.config["prediction_type"] == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    return F.mse_loss(prediction.float(), target.float())
+def _offload_unused(pipe: DiffusionPipeline, family: ModelFamily, run: RunSettings, text: TextSource) -> None:
+    """What the steps never run again leaves the GPU, for the UNet's sake."""
+    unused = []
+    if run.cache_latents:
+        unused.append("vae")
+    if isinstance(text, CachedEmbeddings):
+        unused += family.text_encoder_names
+    for name in unused:
+        getattr(pipe, name).to("cpu")
 
 
-def noise_scheduler_for(pipe: DiffusionPipeline) -> DDPMScheduler:
-    """The training scheduler: DDPM with the base model's noise schedule and prediction type."""
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = scheduler.config["prediction_type"]
-    if prediction_type not in SUPPORTED_PREDICTION_TYPES:
-        raise LoraflowError(
-            ErrorCode.TRAINING_FAILED,
-            f"the base model predicts {prediction_type!r}; training supports {SUPPORTED_PREDICTION_TYPES}",
+def _param_groups(modules: dict[str, Any], config: TrainingConfig) -> list[ParamGroup]:
+    return [
+        ParamGroup(
+            name,
+            trainable_parameters(module),
+            config.unet_learning_rate if name == "unet" else config.text_encoder_learning_rate,
         )
-    return scheduler
+        for name, module in modules.items()
+    ]
 
 
-def _check_finite(loss: float, step: int) -> None:
-    if not np.isfinite(loss):
+@dataclass
+class TrainingLoop:
+    denoiser: LoraDenoiser
+    objective: DenoisingObjective
+    latents: LatentSource
+    text: TextSource
+    batches: BatchStream
+    randoms: RandomStreams
+    optimizer: torch.optim.Optimizer
+    lr_schedule: Any
+    accelerator: Accelerator
+    settings: RunSettings
+    config: TrainingConfig
+    data: TrainingData
+    latent_shape: tuple[int, int]  # (latent channels, VAE downscale factor)
+    persistence: Persistence
+    modules: dict[str, Any]
+    step_losses: list[float] = field(default_factory=list)
+    loss_curve: list[LossPoint] = field(default_factory=list)
+    resumed_from_step: int | None = None
+
+    def __post_init__(self) -> None:
+        device = torch.device(self.randoms.noise.device)
+        self.device = device
+        self.is_main = self.accelerator.is_main_process
+        self.losses = torch.zeros(self.settings.total_steps, device=device)
+        self.sample_weights = _sample_weights(self.data, self.config.prior_loss_weight, device)
+        self.trainable = [param for group in self.optimizer.param_groups for param in group["params"]]
+
+    # -- resume ---------------------------------------------------------------------------------
+
+    def resume(self) -> int:
+        """Load the latest checkpoint of this run, if any; the step to continue after."""
+        store = self.persistence.checkpoints
+        saved = store.latest() if store is not None else None
+        if saved is None:
+            return 0
+        step, state = saved  # the store refuses a checkpoint of another LoRA, model or config
+        if state.get("format") != CHECKPOINT_FORMAT:
+            logger.warning("checkpoint at step %d has another layout: starting from step 0", step)
+            return 0
+        load_lora_state(self.modules, state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.randoms.restore(state["random"])
+        restore_global_rng(state["global_random"])
+        self.step_losses = [float(loss) for loss in state["step_losses"].tolist()]
+        self.loss_curve = [LossPoint(step=int(s), loss=v) for s, v in state["loss_curve"].tolist()]
+        self.losses[:step] = state["step_losses"].to(self.device)
+        self.batches.skip(int(state["batches_drawn"]))
+        self.resumed_from_step = step
+        logger.info("resumed_from_step=%d", step)
+        return step
+
+    def _checkpoint_state(self, step: int) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "lora": lora_state(self.modules),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "random": self.randoms.state(),
+            "global_random": global_rng_state(),
+            "batches_drawn": self.batches.drawn,
+            "step_losses": torch.tensor(self.step_losses, dtype=torch.float32),
+            "loss_curve": torch.tensor([[p.step, p.loss] for p in self.loss_curve], dtype=torch.float64),
+        }
+        return state
+
+    # -- the steps ------------------------------------------------------------------------------
+
+    def run(self, start_step: int) -> TrainingOutcome:
+        model, optimizer = self.accelerator.prepare(self.denoiser, self.optimizer)
+        model.train()
+        self._last_checkpoint = self._last_progress = time.monotonic()
+        self._synced_until = start_step
+        for step in range(start_step + 1, self.settings.total_steps + 1):
+            for _ in range(self.accelerator.gradient_accumulation_steps):
+                self._micro_step(model, optimizer, step)
+            self.lr_schedule.step()
+            self._between_steps(step)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.free_memory()  # drops the DDP wrapper and accelerate's references
+        return self._outcome()
+
+    def _micro_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        with self.accelerator.accumulate(model):
+            loss = self._loss(model, self.batches.next())
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and self.config.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        self.losses[step - 1] += loss.detach() / self.accelerator.gradient_accumulation_steps
+
+    def _loss(self, model: torch.nn.Module, batch: GlobalBatch) -> torch.Tensor:
+        shard = self._shard(batch)
+        draw = self._draw_noise(batch, shard).rows(batch.rows)
+        latents = self.latents.batch(shard)
+        prediction = model(
+            self.objective.noisy_latents(latents, draw), draw.timesteps, self.text.batch(shard), shard.bucket
+        )
+        weights = None if self.sample_weights is None else self.sample_weights[shard.on_device]
+        return self.objective.loss(prediction, self.objective.target(latents, draw), draw.timesteps, weights)
+
+    def _shard(self, batch: GlobalBatch) -> Shard:
+        """This process's rows, with host draws made for the whole batch (same in every process)."""
+        rng = self.randoms.host
+        flips = [rng.random() < 0.5 for _ in batch.indices] if self.config.flip_aug else None
+        captions = [self.data.caption(i, rng) for i in batch.indices] if self.data.captions_vary else None
+        indices = batch.pick(batch.indices)
+        return Shard(
+            indices=indices,
+            on_device=to_device(indices, self.device),
+            bucket=self.data.samples[indices[0]].bucket,
+            flips=None if flips is None else batch.pick(flips),
+            captions=None if captions is None else batch.pick(captions),
+        )
+
+    def _draw_noise(self, batch: GlobalBatch, shard: Shard) -> NoiseDraw:
+        channels, factor = self.latent_shape
+        width, height = shard.bucket
+        shape = torch.Size((len(batch.indices), channels, height // factor, width // factor))
+        return self.objective.draw(shape, self.randoms.noise)
+
+    # -- between steps: loss reads, logs, progress, checkpoints ------------------------------------
+
+    def _between_steps(self, step: int) -> None:
+        every = self.settings.checkpoint_every_steps
+        # A stop is handled at once when alone; with peers, at the next sync point they all reach.
+        stop_now = self.accelerator.num_processes == 1 and self.persistence.stop.is_set()
+        if step % LOG_EVERY == 0 or step % every == 0 or step == self.settings.total_steps or stop_now:
+            self._sync(step)
+        elif self.is_main and time.monotonic() - self._last_progress >= self.persistence.progress_interval_s:
+            self._report_progress(step, float(self.losses[step - 1].item()))
+
+    def _sync(self, step: int) -> None:
+        """Read the losses since the last sync (all processes), fail on a non-finite one, then report."""
+        per_step, checkpoint_due, stop = self._gather(step)
+        _raise_if_not_finite(per_step, self._synced_until)
+        self.step_losses += per_step.tolist()
+        self._synced_until = step
+        interval = self.step_losses[-_interval_length(step, self.loss_curve) :]
+        mean = sum(interval) / len(interval)
+        if step % LOG_EVERY == 0 or step == self.settings.total_steps:
+            self.loss_curve.append(LossPoint(step=step, loss=mean))
+            if self.is_main:
+                print(f"step={step} loss={mean:.6f}", flush=True)  # parsed by the job's MetricDefinitions
+        if self.is_main:
+            self._report_progress(step, mean)
+            scheduled = step % self.settings.checkpoint_every_steps == 0 or checkpoint_due or stop
+            if scheduled and step < self.settings.total_steps:
+                self._save_checkpoint(step)
+        if stop and step < self.settings.total_steps:
+            raise LoraflowError(
+                ErrorCode.TRAINING_FAILED,
+                f"stopped (SIGTERM) after step {step}; checkpoint saved, a restarted job resumes there",
+            )
+
+    def _gather(self, step: int) -> tuple[torch.Tensor, bool, bool]:
+        """Every process's losses since the last sync (averaged), whether rank 0's checkpoint timer is
+        due, and whether any process was asked to stop: one collective, so all decide alike."""
+        flags = [float(self._checkpoint_time_due()), float(self.persistence.stop.is_set())]
+        local = torch.cat([self.losses[self._synced_until : step], torch.tensor(flags, device=self.device)])
+        gathered = self.accelerator.gather(local).reshape(self.accelerator.num_processes, -1).cpu()
+        return gathered[:, :-2].mean(dim=0), bool(gathered[0, -2]), bool(gathered[:, -1].any())
+
+    def _checkpoint_time_due(self) -> bool:
+        seconds = self.settings.checkpoint_every_seconds
+        return seconds is not None and time.monotonic() - self._last_checkpoint >= seconds
+
+    def _report_progress(self, step: int, loss: float) -> None:
+        self._last_progress = time.monotonic()
+        if self.persistence.progress is not None:
+            self.persistence.progress.update(step, loss)
+
+    def _save_checkpoint(self, step: int) -> None:
+        store = self.persistence.checkpoints
+        if store is None:
+            return
+        path = store.save(step, self._checkpoint_state(step))
+        self._last_checkpoint = time.monotonic()
+        logger.info("checkpoint at step %d: %s", step, path)
+
+    def _outcome(self) -> TrainingOutcome:
+        seen = sum(self.batches.images_per_bucket.values())
+        return TrainingOutcome(
+            steps=self.settings.total_steps,
+            final_loss=self.loss_curve[-1].loss if self.loss_curve else float("nan"),
+            loss_curve=list(self.loss_curve),
+            step_losses=list(self.step_losses),
+            resumed_from_step=self.resumed_from_step,
+            images_per_bucket=dict(sorted(self.batches.images_per_bucket.items())),
+            epochs=round(seen / max(1, len(self.data.epoch_indices())), 3),
+        )
+
+
+def _interval_length(step: int, curve: list[LossPoint]) -> int:
+    """Steps since the previous loss-curve point."""
+    return step - (curve[-1].step if curve else 0)
+
+
+def _sample_weights(
+    data: TrainingData, prior_loss_weight: float, device: torch.device
+) -> torch.Tensor | None:
+    """kohya's `prior_loss_weight` on regularization samples; None when every weight is 1."""
+    if prior_loss_weight == 1.0 or not any(sample.is_reg for sample in data.samples):
+        return None
+    weights = [prior_loss_weight if sample.is_reg else 1.0 for sample in data.samples]
+    return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
+def _raise_if_not_finite(per_step: torch.Tensor, first_step_index: int) -> None:
+    bad = (~torch.isfinite(per_step)).nonzero()
+    if len(bad):
+        step = first_step_index + int(bad[0]) + 1
+        loss = float(per_step[int(bad[0])])
         raise LoraflowError(
-            ErrorCode.TRAINING_FAILED,
-            f"loss became {loss} by step {step}: training diverged (try a lower learning_rate)",
+            ErrorCode.NAN_LOSS,
+            f"loss became {loss} at step {step}: training stopped, no LoRA delivered "
+            '(try a lower learning_rate, or mixed_precision = "bf16" instead of "fp16")',
         )

@@ -1,65 +1,153 @@
+"""The training loop on the tiny SD pipeline: precision, text-encoder LoRA, accumulation, the step modes."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
-from diffusion_kit import TrainingRun, make_sagemaker_dirs
 from loraflow_diffusion.families import family_of
 from loraflow_diffusion.models import load_pipeline
-from loraflow_diffusion.tiny import build_tiny_sd
 from loraflow_shared.dataset.config import TrainingConfig
-from loraflow_training.__main__ import main
-from loraflow_training.data import load_images, scan_dataset
-from loraflow_training.train import shuffled_batches, train_lora
+from loraflow_training.data import TrainingData, load_training_data
+from loraflow_training.distributed import make_accelerator
+from loraflow_training.train import RunSettings, TrainingOutcome, train_lora
+from peft.utils import get_peft_model_state_dict
+from PIL import Image
+
+BASE = {"resolution": (64, 64), "network_dim": 2, "learning_rate": 1e-2, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 images x 2 repeats = 8 samples: batches of 2 are always full."""
+    root = tmp_path_factory.mktemp("loop-data")
+    folder = root / "2_ohwx"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), "RGB").save(
+            folder / f"{index}.png"
+        )
+        (folder / f"{index}.txt").write_text(f"ohwx, red, square {index}, photo", encoding="utf-8")
+    return root
+
+
+def _pipe(model: Path, tmp_path: Path, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    pipe = load_pipeline(str(model), device=torch.device("cpu"), dtype=dtype, cache_dir=tmp_path)
+    assert isinstance(pipe, StableDiffusionPipeline)
+    return pipe
+
+
+def _train(
+    pipe: StableDiffusionPipeline, data: TrainingData, config: TrainingConfig, **run: object
+) -> TrainingOutcome:
+    settings = {
+        "batch_size": 2,
+        "optimizer": "AdamW",
+        "gradient_checkpointing": False,
+        "cache_latents": True,
+        "train_text_encoder": False,
+        "clip_skip": config.clip_skip,
+        "total_steps": config.max_train_steps,
+        **run,
+    }
+    accelerator = make_accelerator(pipe.unet.dtype, config.gradient_accumulation_steps)
+    return train_lora(pipe, family_of(pipe), data, config, RunSettings(**settings), accelerator)  # type: ignore[arg-type]
+
+
+def _lora_b(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA up-projections: gaussian init leaves them at zero, so any non-zero value was learned."""
+    return {k: v for k, v in get_peft_model_state_dict(module).items() if "lora_B" in k}
 
 
 def test_given_half_precision_base_when_trained_then_lora_weights_stay_fp32(
-    tiny_model: Path, training_run: TrainingRun, tmp_path: Path
+    tiny_model: Path, dataset: Path, tmp_path: Path
 ) -> None:
-    # bf16 weights exercise the GPU code path (autocast, fp32 LoRA params) on the CPU.
-    pipe = load_pipeline(
-        str(tiny_model), device=torch.device("cpu"), dtype=torch.bfloat16, cache_dir=tmp_path
-    )
-    training_set = scan_dataset(training_run.dirs.dataset)
-    pixels = load_images(training_run.dirs.dataset, training_set.samples, (64, 64))
-    config = TrainingConfig(resolution=(64, 64), max_train_steps=3, train_batch_size=2, network_dim=2)
+    # bf16 weights exercise the GPU code path (accelerate's autocast, fp32 LoRA params) on the CPU.
+    pipe = _pipe(tiny_model, tmp_path, torch.bfloat16)
+    config = TrainingConfig(**BASE, max_train_steps=3)  # type: ignore[arg-type]
 
-    outcome = train_lora(
-        pipe, family_of(pipe), pixels, [s.caption for s in training_set.samples], training_set.epoch(), config
-    )
+    outcome = _train(pipe, load_training_data(dataset, config), config, train_text_encoder=True)
 
-    assert outcome.steps == 3 and outcome.final_loss > 0
-    trained = [p for p in pipe.unet.parameters() if p.requires_grad]
-    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert outcome.steps == 3 and np.isfinite(outcome.final_loss)
+    for module in (pipe.unet, pipe.text_encoder):
+        trained = [p for p in module.parameters() if p.requires_grad]
+        assert trained and all(p.dtype == torch.float32 for p in trained)
     assert pipe.unet.conv_in.weight.dtype == torch.bfloat16
 
 
-def test_given_base_model_with_nan_weights_when_trained_then_training_failed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_given_text_encoder_lora_when_trained_then_both_networks_learn(
+    tiny_model: Path, dataset: Path, tmp_path: Path
 ) -> None:
-    model = build_tiny_sd(tmp_path / "nan-model")
-    pipe = StableDiffusionPipeline.from_pretrained(model)
-    with torch.no_grad():
-        pipe.unet.conv_out.bias.fill_(float("nan"))
-    pipe.save_pretrained(model)
-    dirs = make_sagemaker_dirs(tmp_path / "job", str(model))
-    for name, value in dirs.env().items():
-        monkeypatch.setenv(name, value)
+    pipe = _pipe(tiny_model, tmp_path)
+    config = TrainingConfig(**BASE, max_train_steps=2, text_encoder_lr=5e-3)  # type: ignore[arg-type]
 
-    exit_code = main(["train"])
+    _train(pipe, load_training_data(dataset, config), config, train_text_encoder=True)
 
-    assert exit_code == 1
-    assert dirs.failure["code"] == "TRAINING_FAILED"
-    assert "loss became nan by step 10" in dirs.failure["message"]
+    for module in (pipe.unet, pipe.text_encoder):
+        learned = _lora_b(module)
+        assert learned and all(value.abs().max() > 0 for value in learned.values())
 
 
-def test_given_epoch_when_batched_then_every_index_once_per_epoch_and_short_last_batch() -> None:
-    epoch = [0, 0, 1, 2, 2, 2, 3]
-    batches = shuffled_batches(epoch, batch_size=3, generator=torch.Generator().manual_seed(0))
+def test_given_unet_only_when_trained_then_text_encoder_has_no_adapter(
+    tiny_model: Path, dataset: Path, tmp_path: Path
+) -> None:
+    pipe = _pipe(tiny_model, tmp_path)
+    config = TrainingConfig(**BASE, max_train_steps=2)  # type: ignore[arg-type]
 
-    first_epoch = [next(batches) for _ in range(3)]
+    _train(pipe, load_training_data(dataset, config), config, train_text_encoder=False)
 
-    assert [len(batch) for batch in first_epoch] == [3, 3, 1]
-    assert sorted(torch.cat(first_epoch).tolist()) == sorted(epoch)
+    assert not getattr(pipe.text_encoder, "peft_config", None)
+    assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
+    assert all(value.abs().max() > 0 for value in _lora_b(pipe.unet).values())
+
+
+def test_given_gradient_accumulation_when_trained_then_each_step_sees_that_many_batches(
+    tiny_model: Path, dataset: Path, tmp_path: Path
+) -> None:
+    pipe = _pipe(tiny_model, tmp_path)
+    config = TrainingConfig(**BASE, max_train_steps=3, gradient_accumulation_steps=2)  # type: ignore[arg-type]
+
+    outcome = _train(pipe, load_training_data(dataset, config), config)
+
+    assert outcome.images_per_bucket == {"64x64": 3 * 2 * 2}  # steps x accumulation x batch
+    assert outcome.epochs == 1.5 and len(outcome.step_losses) == 3
+
+
+@pytest.mark.parametrize(
+    ("keys", "run"),
+    [
+        # per-step captions (shuffle) through frozen encoders, latents encoded every step, flips
+        ({"shuffle_caption": True, "keep_tokens": 1, "flip_aug": True}, {"cache_latents": False}),
+        # cached flipped latents, caption dropout, Min-SNR, noise offset, warmup + cosine, Adafactor
+        (
+            {
+                "flip_aug": True,
+                "caption_dropout_rate": 0.5,
+                "min_snr_gamma": 5.0,
+                "noise_offset": 0.1,
+                "lr_scheduler": "cosine",
+                "lr_warmup_steps": 0.5,
+                "clip_skip": 2,
+            },
+            {"optimizer": "Adafactor"},
+        ),
+        # trained encoders with cached token ids, gradient checkpointing on both networks
+        ({"max_grad_norm": 0.0}, {"train_text_encoder": True, "gradient_checkpointing": True}),
+    ],
+)
+def test_given_step_options_when_trained_then_loss_finite_and_unet_lora_learns(
+    tiny_model: Path, dataset: Path, tmp_path: Path, keys: dict[str, object], run: dict[str, object]
+) -> None:
+    pipe = _pipe(tiny_model, tmp_path)
+    config = TrainingConfig(**BASE, max_train_steps=2, **keys)  # type: ignore[arg-type]
+
+    outcome = _train(pipe, load_training_data(dataset, config), config, **run)
+
+    assert len(outcome.step_losses) == 2 and all(np.isfinite(outcome.step_losses))
+    assert all(value.abs().max() > 0 for value in _lora_b(pipe.unet).values())
+    if run.get("gradient_checkpointing"):
+        assert pipe.unet.is_gradient_checkpointing

@@ -1,0 +1,103 @@
+"""The denoising objective: noise and timesteps to draw, the target to predict, the weighted loss.
+
+kohya's options: `noise_offset` (a per-channel constant added to the noise, so the LoRA can learn
+very dark or bright images), `min_snr_gamma` (Min-SNR weighting, Hang et al. 2023, with diffusers'
+`compute_snr`), and `prior_loss_weight` for regularization images (a per-sample weight).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.training_utils import compute_snr
+from loraflow_shared.errors import ErrorCode, LoraflowError
+
+SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def noise_scheduler_for(pipe: DiffusionPipeline) -> DDPMScheduler:
+    """The training scheduler: DDPM with the base model's noise schedule and prediction type."""
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = scheduler.config["prediction_type"]
+    if prediction_type not in SUPPORTED_PREDICTION_TYPES:
+        raise LoraflowError(
+            ErrorCode.TRAINING_FAILED,
+            f"the base model predicts {prediction_type!r}; training supports {SUPPORTED_PREDICTION_TYPES}",
+        )
+    return scheduler
+
+
+@dataclass(frozen=True)
+class NoiseDraw:
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+    def rows(self, rows: slice | list[int]) -> NoiseDraw:
+        """The draws of some rows (a list repeats rows: a padded batch)."""
+        if isinstance(rows, list):
+            index = torch.tensor(rows, device=self.noise.device)
+            return NoiseDraw(self.noise[index], self.timesteps[index])
+        return NoiseDraw(self.noise[rows], self.timesteps[rows])
+
+
+class DenoisingObjective:
+    def __init__(
+        self,
+        scheduler: DDPMScheduler,
+        device: torch.device,
+        noise_offset: float | None = None,
+        min_snr_gamma: float | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        # Moved once: diffusers would otherwise copy the schedule to the GPU on the first calls.
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+        self.num_timesteps = int(scheduler.config["num_train_timesteps"])
+        self.v_prediction = scheduler.config["prediction_type"] == "v_prediction"
+        self.noise_offset = noise_offset or 0.0
+        self.min_snr_gamma = min_snr_gamma
+        self._snr = compute_snr(scheduler, torch.arange(self.num_timesteps, device=device))
+
+    def draw(self, shape: torch.Size, generator: torch.Generator) -> NoiseDraw:
+        """Noise and timesteps for a batch of latents of `shape`, from `generator` (on its device)."""
+        device = generator.device
+        noise = torch.randn(shape, generator=generator, device=device)
+        if self.noise_offset:
+            offset = torch.randn((shape[0], shape[1], 1, 1), generator=generator, device=device)
+            noise = noise + self.noise_offset * offset
+        timesteps = torch.randint(0, self.num_timesteps, (shape[0],), generator=generator, device=device)
+        return NoiseDraw(noise, timesteps)
+
+    def noisy_latents(self, latents: torch.Tensor, draw: NoiseDraw) -> torch.Tensor:
+        # diffusers annotates timesteps as IntTensor; any integer tensor works (its own scripts pass int64).
+        return self.scheduler.add_noise(latents, draw.noise, cast(torch.IntTensor, draw.timesteps))
+
+    def target(self, latents: torch.Tensor, draw: NoiseDraw) -> torch.Tensor:
+        if self.v_prediction:
+            return self.scheduler.get_velocity(latents, draw.noise, cast(torch.IntTensor, draw.timesteps))
+        return draw.noise
+
+    def loss(
+        self,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
+        timesteps: torch.Tensor,
+        sample_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean over the batch of each sample's MSE, times its Min-SNR and prior-loss weights."""
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.min_snr_gamma is not None:
+            per_sample = per_sample * self._snr_weights(timesteps)
+        if sample_weights is not None:
+            per_sample = per_sample * sample_weights
+        return per_sample.mean()
+
+    def _snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction (diffusers and kohya alike)."""
+        snr = self._snr[timesteps]
+        clipped = torch.clamp(snr, max=self.min_snr_gamma)
+        return clipped / (snr + 1) if self.v_prediction else clipped / snr

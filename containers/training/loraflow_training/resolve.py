@@ -1,0 +1,83 @@
+"""From the config, the memory plan and the hardware to how this run trains (`RunSettings`).
+
+The memory plan decides the knobs the config leaves unpinned. What the hardware or the model family
+cannot honour is adjusted here and reported as SETTING_ADJUSTED (the LoRA is delivered anyway).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from loraflow_diffusion.families import ModelFamily
+from loraflow_shared.dataset.config import Optimizer as OptimizerName
+from loraflow_shared.dataset.config import TrainingConfig
+
+from loraflow_training.data import TrainingData
+from loraflow_training.optim import resolve_optimizer
+from loraflow_training.train import DEFAULT_CHECKPOINT_SECONDS, DEFAULT_CHECKPOINT_STEPS, RunSettings
+
+
+class PlannedKnobs(Protocol):
+    """The memory plan's decisions that shape the loop (`memory_plan.MemoryPlan` has them)."""
+
+    @property
+    def gradient_checkpointing(self) -> bool: ...
+    @property
+    def optimizer(self) -> OptimizerName: ...
+    @property
+    def cache_latents(self) -> bool: ...
+    @property
+    def train_unet_only(self) -> bool: ...
+    @property
+    def batch_size(self) -> int: ...
+
+
+def resolve_run(
+    config: TrainingConfig,
+    plan: PlannedKnobs,
+    family: ModelFamily,
+    data: TrainingData,
+    *,
+    processes: int,
+    eight_bit_available: bool,
+) -> tuple[RunSettings, list[str]]:
+    """The run's settings, and a message for each setting that had to be adjusted."""
+    adjusted: list[str] = []
+    optimizer, optimizer_note = resolve_optimizer(plan.optimizer, eight_bit_available=eight_bit_available)
+    if optimizer_note:
+        adjusted.append(optimizer_note)
+    clip_skip = config.clip_skip if family.supports_clip_skip else None
+    if config.clip_skip is not None and clip_skip is None and config.sdxl is None:
+        # With `sdxl = true` validation warned already; here the model turned out to be SDXL.
+        adjusted.append("clip_skip: SD 1.x only; ignored for this SDXL model, as kohya does")
+    batches_per_epoch = data.batches_per_epoch(plan.batch_size * processes)
+    fixed_cadence = config.save_every_n_steps is not None
+    return (
+        RunSettings(
+            batch_size=plan.batch_size,
+            optimizer=optimizer,
+            gradient_checkpointing=plan.gradient_checkpointing,
+            cache_latents=plan.cache_latents,
+            train_text_encoder=not plan.train_unet_only,
+            clip_skip=clip_skip,
+            total_steps=config.total_steps(batches_per_epoch),
+            checkpoint_every_steps=config.save_every_n_steps or DEFAULT_CHECKPOINT_STEPS,
+            checkpoint_every_seconds=None if fixed_cadence else DEFAULT_CHECKPOINT_SECONDS,
+        ),
+        adjusted,
+    )
+
+
+def applied_config(config: TrainingConfig, run: RunSettings) -> TrainingConfig:
+    """The config with the plan's and the hardware's choices filled in: what actually runs."""
+    return config.model_copy(
+        update={
+            "train_batch_size": run.batch_size,
+            "optimizer_type": run.optimizer,
+            "gradient_checkpointing": run.gradient_checkpointing,
+            "cache_latents": run.cache_latents,
+            "network_train_unet_only": not run.train_text_encoder,
+            "clip_skip": run.clip_skip,
+            "max_train_steps": run.total_steps,
+        }
+    )
