@@ -1,0 +1,263 @@
+"""How fast does the trainer step, how much of a step is overhead, how much memory does it take?
+
+Every number comes from real runs of `python -m loraflow_training train` (a subprocess with SageMaker's
+directory layout, as the local cloud runs it) on the tiny SD and SDXL pipelines, on the CPU.
+
+- Time per optimizer step: two runs that differ only in `max_train_steps`; the difference of their
+  `training_report.json` seconds over the difference of steps. Setup (loading, latent caching) cancels.
+- Step overhead: that time over a bare forward+backward of the same UNet, with the same LoRA adapters,
+  at the same batch shape (latents and text embeddings given), timed in this process.
+- Peak RSS: the training process's, from `os.wait4` (this child's own rusage, not the max of all children).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from loraflow_diffusion.tiny import build_tiny_sd, build_tiny_sdxl
+from peft import LoraConfig
+from PIL import Image
+
+THREADS = 1  # torch threads, here and in the trainer (OMP_NUM_THREADS): steadier on a shared machine
+BATCH = 4
+RESOLUTION = 64
+RANK = 4
+IMAGES = 8
+SHORT_STEPS, LONG_STEPS = 20, 220
+REPEATS = 2  # each trainer run and bare block is repeated; the fastest counts (contention only adds time)
+BARE_WARMUP, BARE_BLOCKS, BARE_BLOCK_ITERATIONS = 5, 6, 20
+CONFIG_FILE = "config.toml"
+CONFIG = """\
+[training_arguments]
+resolution = {resolution}
+max_train_steps = {steps}
+train_batch_size = {batch}
+learning_rate = 1e-4
+seed = 0
+mixed_precision = "no"
+{extra}
+
+[network_arguments]
+network_dim = {rank}
+network_alpha = {rank}
+"""
+UNET_ONLY = "network_train_unet_only = true"
+
+
+@dataclass(frozen=True)
+class TrainerRun:
+    steps: int
+    seconds: float  # the report's: start to the last step (the effect check and file writes not counted)
+    peak_rss_mb: float
+    trained: list[str]  # the report's trained_components, e.g. ["unet", "text_encoder"]
+
+    @property
+    def lora_on(self) -> str:
+        return " + ".join(self.trained)
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    seconds_per_step: float
+    short: TrainerRun
+    long: TrainerRun
+
+    @property
+    def steps_per_second(self) -> float:
+        return 1.0 / self.seconds_per_step
+
+
+def run() -> list[dict[str, Any]]:
+    torch.set_num_threads(THREADS)
+    with tempfile.TemporaryDirectory(prefix="loraflow-bench-training-") as folder:
+        root = Path(folder)
+        sd = build_tiny_sd(root / "tiny-sd")
+        sdxl = build_tiny_sdxl(root / "tiny-sdxl")
+        unet_only = time_steps(root / "sd-unet-only", sd, UNET_ONLY)
+        bare = bare_unet_step_seconds(sd)
+        sd_default = time_steps(root / "sd", sd)
+        sdxl_default = time_steps(root / "sdxl", sdxl)
+    return [
+        _overhead_entry(unet_only, bare),
+        _speed_entry("train_steps_per_second_tiny_sd", sd_default, "tiny SD"),
+        _speed_entry("train_steps_per_second_tiny_sdxl", sdxl_default, "tiny SDXL"),
+        _rss_entry(sd_default.long),
+        *_gpu_entries(),
+    ]
+
+
+def time_steps(root: Path, model: Path, extra: str = "") -> StepTiming:
+    short = fastest_run(root / "short", model, SHORT_STEPS, extra)
+    long = fastest_run(root / "long", model, LONG_STEPS, extra)
+    per_step = (long.seconds - short.seconds) / (LONG_STEPS - SHORT_STEPS)
+    if per_step <= 0:
+        raise RuntimeError(f"longer run was not slower: {short} vs {long}")
+    return StepTiming(per_step, short, long)
+
+
+def fastest_run(root: Path, model: Path, steps: int, extra: str) -> TrainerRun:
+    runs = [run_trainer(root / str(attempt), model, steps, extra) for attempt in range(REPEATS)]
+    return min(runs, key=lambda run: run.seconds)
+
+
+def run_trainer(root: Path, model: Path, steps: int, extra: str = "") -> TrainerRun:
+    """One `python -m loraflow_training train` in a fresh SageMaker layout; fails loudly on exit != 0."""
+    dataset = _write_dataset(root / "input" / "data" / "dataset", steps, extra)
+    config_dir = root / "input" / "config"
+    config_dir.mkdir(parents=True)
+    hyperparameters = {"config_file": CONFIG_FILE, "base_model": str(model), "job_id": "bench"}
+    (config_dir / "hyperparameters.json").write_text(json.dumps(hyperparameters), encoding="utf-8")
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("SM_", "LORAFLOW_"))}
+    env |= {
+        "SM_INPUT_DIR": str(root / "input"),
+        "SM_INPUT_CONFIG_DIR": str(config_dir),
+        "SM_CHANNEL_DATASET": str(dataset),
+        "SM_MODEL_DIR": str(root / "model"),
+        "SM_OUTPUT_DIR": str(root / "output"),
+        "SM_OUTPUT_DATA_DIR": str(root / "output" / "data"),
+        "SM_CHECKPOINT_DIR": str(root / "checkpoints"),
+        "OMP_NUM_THREADS": str(THREADS),
+        "HF_HUB_OFFLINE": "1",
+    }
+    log = root / "training.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "loraflow_training", "train"], env=env, stdout=sink, stderr=sink
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"training failed ({process.returncode}):\n{log.read_text()[-3000:]}")
+    report = json.loads((root / "model" / "training_report.json").read_text(encoding="utf-8"))
+    peak_kib = usage.ru_maxrss  # Linux: KiB (macOS would be bytes; the bench runs on Linux)
+    return TrainerRun(
+        steps,
+        float(report["seconds"]),
+        round(peak_kib / 1024, 1),
+        report["trained_components"],
+    )
+
+
+def _write_dataset(dataset: Path, steps: int, extra: str) -> Path:
+    """`IMAGES` generated images at the training resolution (one bucket), captioned by the folder."""
+    folder = dataset / "1_bnch"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(IMAGES):
+        pixels = rng.integers(0, 255, size=(RESOLUTION, RESOLUTION, 3), dtype=np.uint8)
+        Image.fromarray(pixels, "RGB").save(folder / f"img{index}.png")
+    config = CONFIG.format(resolution=RESOLUTION, steps=steps, batch=BATCH, rank=RANK, extra=extra)
+    (dataset / CONFIG_FILE).write_text(config, encoding="utf-8")
+    return dataset
+
+
+def bare_unet_step_seconds(model: Path) -> float:
+    """Forward + backward of the tiny SD UNet with LoRA adapters like the trainer's, batch `BATCH`."""
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from loraflow_training.network import UNET_TARGET_MODULES
+
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=UNET_TARGET_MODULES)
+    )
+    unet.train()
+    generator = torch.Generator().manual_seed(0)
+    side = RESOLUTION // 8
+    latents = torch.randn((BATCH, unet.config.in_channels, side, side), generator=generator)
+    text = torch.randn((BATCH, 77, unet.config.cross_attention_dim), generator=generator)
+    timesteps = torch.randint(0, 1000, (BATCH,), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+
+    def step() -> None:
+        prediction = unet(latents, timesteps, encoder_hidden_states=text).sample
+        torch.nn.functional.mse_loss(prediction, noise).backward()
+        unet.zero_grad(set_to_none=True)
+
+    for _ in range(BARE_WARMUP):
+        step()
+    block_means = []
+    for _ in range(BARE_BLOCKS * REPEATS):
+        started = time.perf_counter()
+        for _ in range(BARE_BLOCK_ITERATIONS):
+            step()
+        block_means.append((time.perf_counter() - started) / BARE_BLOCK_ITERATIONS)
+    return min(block_means)
+
+
+def _shape() -> str:
+    return f"batch {BATCH}, {RESOLUTION}x{RESOLUTION}, LoRA rank {RANK}, fp32, {THREADS} torch thread(s)"
+
+
+def _overhead_entry(timing: StepTiming, bare_seconds: float) -> dict[str, Any]:
+    return {
+        "name": "train_step_overhead_tiny_sd",
+        "value": round(timing.seconds_per_step / bare_seconds, 3),
+        "unit": "ratio",
+        "target": 1.15,
+        "notes": (
+            f"trainer time per optimizer step {timing.seconds_per_step * 1000:.1f} ms (runs of "
+            f"{SHORT_STEPS} and {LONG_STEPS} steps differenced, fastest of {REPEATS} each; LoRA on "
+            f"{timing.long.lora_on} only, cached latents and text embeddings, default checkpoint "
+            f"cadence) / bare UNet+LoRA forward+backward {bare_seconds * 1000:.1f} ms (fastest of "
+            f"{BARE_BLOCKS * REPEATS} means of {BARE_BLOCK_ITERATIONS}); tiny SD, {_shape()}, CPU"
+        ),
+    }
+
+
+def _rss_entry(run: TrainerRun) -> dict[str, Any]:
+    return {
+        "name": "train_peak_rss_mb_tiny_sd",
+        "value": run.peak_rss_mb,
+        "unit": "MiB",
+        "target": None,
+        "notes": (
+            f"peak RSS of the whole training process (os.wait4), {run.steps}-step run of the tiny SD, "
+            f"{_shape()}, default CPU plan (LoRA on {run.lora_on}); includes the imports and the "
+            "post-training effect renders"
+        ),
+    }
+
+
+def _speed_entry(name: str, timing: StepTiming, model: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "value": round(timing.steps_per_second, 2),
+        "unit": "steps/s",
+        "target": None,
+        "notes": (
+            f"{model}, {_shape()}, CPU, default CPU memory plan (LoRA on {timing.long.lora_on}); runs of "
+            f"{SHORT_STEPS} and {LONG_STEPS} steps differenced, fastest of {REPEATS} each "
+            f"({timing.short.seconds:.1f} s, "
+            f"{timing.long.seconds:.1f} s), so model loading and latent caching are not counted"
+        ),
+    }
+
+
+def _gpu_entries() -> list[dict[str, Any]]:
+    """The GPU targets of the issue, recorded as not measured: nothing here measures them yet."""
+    reason = (
+        "not measured: no CUDA device in this environment"
+        if not torch.cuda.is_available()
+        else "not measured: a GPU is present but this benchmark has no GPU measurement yet"
+    )
+    targets = [
+        ("gpu_train_steps_per_second_sd15_512", 6, "steps/s", "SD 1.5-shaped UNet, 512x512, batch 1, H100"),
+        ("gpu_train_peak_mb_sd15_512", 8192, "MiB", "SD 1.5-shaped UNet, 512x512, batch 1, H100"),
+        ("gpu_train_steps_per_second_sdxl_1024", 2, "steps/s", "SDXL-shaped UNet, 1024x1024, batch 1, H100"),
+        ("gpu_train_peak_mb_sdxl_1024", 16384, "MiB", "SDXL-shaped UNet, 1024x1024, batch 1, H100"),
+    ]
+    return [
+        {"name": name, "value": None, "unit": unit, "target": target, "notes": f"{what}; {reason}"}
+        for name, target, unit, what in targets
+    ]
