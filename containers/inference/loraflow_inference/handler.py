@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from loraflow_diffusion import s3_transfer
 from loraflow_diffusion.device import pick_device, pick_dtype
-from loraflow_diffusion.families import SupportedPipeline
+from loraflow_diffusion.families import SupportedPipeline, family_of
 from loraflow_diffusion.models import load_pipeline
 from loraflow_shared.contracts import PreviewRequest, PreviewResponse, PreviewResult
 from loraflow_shared.errors import ErrorCode, LoraflowError
@@ -99,7 +99,9 @@ class PreviewRenderer:
             except Exception as exc:
                 what = f"LoRA {request.lora_s3_uri} does not fit base model {request.base_model!r}"
                 raise _preview_failed(what, exc) from exc
-            return render_prompts(pipe, request.prompts, request.steps, request.resolution, request.seed)
+            return render_prompts(
+                pipe, request.prompts, request.steps, request.resolution, request.seed, request.clip_skip
+            )
         finally:
             self._unload_lora(pipe, request.base_model)
 
@@ -113,14 +115,19 @@ class PreviewRenderer:
 
 
 def render_prompts(
-    pipe: SupportedPipeline, prompts: list[str], steps: int, resolution: int, seed: int
+    pipe: SupportedPipeline,
+    prompts: list[str],
+    steps: int,
+    resolution: int,
+    seed: int,
+    clip_skip: int | None = None,
 ) -> list[Image.Image]:
     """One image per prompt; prompt i uses seed + i on a CPU generator (same picture on any device)."""
     images = []
     for index, prompt in enumerate(prompts):
         try:
             result = pipe(
-                prompt,
+                **_prompt_arguments(pipe, prompt, resolution, clip_skip),
                 num_inference_steps=steps,
                 height=resolution,
                 width=resolution,
@@ -130,6 +137,21 @@ def render_prompts(
             raise _preview_failed(f"rendering prompt {index} ({prompt!r}) failed", exc) from exc
         images.append(result.images[0])
     return images
+
+
+def _prompt_arguments(
+    pipe: SupportedPipeline, prompt: str, resolution: int, clip_skip: int | None
+) -> dict[str, object]:
+    """The prompt as text, or, with kohya's `clip_skip` > 1 on SD 1.x, as embeddings encoded the way the
+    trainer encoded its captions (diffusers' own `clip_skip` reaches for `text_encoder.text_model`, which
+    transformers 5 no longer has). The empty negative prompt is skipped alike, as A1111 does."""
+    family = family_of(pipe)
+    if clip_skip is None or clip_skip <= 1 or not family.supports_clip_skip:
+        return {"prompt": prompt}
+    with torch.no_grad():
+        cond = family.encode_prompts(pipe, [prompt, ""], (resolution, resolution), clip_skip)
+    embeds = cond.encoder_hidden_states
+    return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
 
 
 def _download_lora(uri: str, folder: Path) -> Path:

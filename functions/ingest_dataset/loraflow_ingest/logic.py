@@ -149,4 +149,5 @@ def preview_settings(report: ValidationReport) -> PreviewSettings:
         # Previews are square: the smaller side keeps them at the scale the LoRA was trained at.
         resolution=min(config.preview_size),
         seed=config.loraflow.preview_seed,
+        clip_skip=config.clip_skip,
     )

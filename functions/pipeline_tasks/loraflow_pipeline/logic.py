@@ -130,6 +130,7 @@ class PipelineTasks:
             steps=job.preview.steps,
             resolution=job.preview.resolution,
             seed=job.preview.seed,
+            clip_skip=job.preview.clip_skip,
             output_s3_prefix=s3_uri(self._bucket, f"jobs/{job.job_id}/previews/"),
         )
         # The token is stored before invoking, so the callback always finds it.

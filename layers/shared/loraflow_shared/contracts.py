@@ -47,6 +47,8 @@ class PreviewRequest(_Strict):
     # Stable Diffusion's VAE downsamples by 8: other sizes cannot be rendered.
     resolution: int = Field(ge=8, multiple_of=8)
     seed: int = Field(ge=0)
+    # kohya's sense (1 = the last CLIP layer); applied to SD 1.x only, as in training.
+    clip_skip: int | None = Field(default=None, ge=1)
     # Where the endpoint writes `<index>.png` (e.g. `s3://artifacts/jobs/<job_id>/previews/`).
     output_s3_prefix: S3Uri
 

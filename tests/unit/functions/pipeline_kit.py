@@ -39,7 +39,7 @@ def job_in(repository: JobRepository, status: JobStatus) -> Job:
             config_file="config.toml",
             base_model="s3://loraflow-artifacts/base-models/tiny-sd/",
             preview=PreviewSettings(
-                prompts=["a photo of zqxj dog", "zqxj dog"], steps=3, resolution=64, seed=7
+                prompts=["a photo of zqxj dog", "zqxj dog"], steps=3, resolution=64, seed=7, clip_skip=2
             ),
         )
     )

@@ -223,7 +223,19 @@ def test_given_config_without_base_model_when_ingested_then_default_base_model(
     [job] = jobs(cloud)
     assert job.base_model == DEFAULT_BASE_MODEL
     assert job.preview is not None and job.preview.prompts == ["zqxj"]
+    assert job.preview.clip_skip is None
     assert job.warnings == []
+
+
+def test_given_config_with_clip_skip_when_ingested_then_previews_use_it_too(
+    cloud: Cloud, ingest: Ingest
+) -> None:
+    upload_dataset(DATASET, valid_dataset_files() | {"config.toml": b"resolution = 64\nclip_skip = 2\n"})
+
+    ingest(sqs_event(f"{DATASET}/config.toml"))
+
+    [job] = jobs(cloud)
+    assert job.preview is not None and job.preview.clip_skip == 2
 
 
 def test_given_environment_when_handler_cold_starts_then_settings_come_from_it(

@@ -107,6 +107,7 @@ def test_given_trained_job_when_previews_requested_then_request_written_and_endp
     request = PreviewRequest.model_validate_json(read(request_key))
     assert request.prompts == ["a photo of zqxj dog", "zqxj dog"]
     assert (request.steps, request.resolution, request.seed, request.lora_s3_uri) == (3, 64, 7, lora_uri)
+    assert request.clip_skip == 2  # the previews see the text features the LoRA was trained on
     assert request.output_s3_prefix == f"s3://{ARTIFACTS_BUCKET}/jobs/{JOB_ID}/previews/"
     invoked = sagemakerruntime_backends["123456789012"][REGION].async_results[ENDPOINT_NAME]
     assert list(invoked) == [f"s3://{ARTIFACTS_BUCKET}/{request_key}"]

@@ -55,6 +55,8 @@ class PreviewSettings(_Record):
     steps: int
     resolution: int
     seed: int
+    # kohya's `clip_skip` (1 = last layer), so previews see the text features the LoRA was trained on.
+    clip_skip: int | None = None
 
 
 class TrainingSummary(_Record):
