@@ -21,6 +21,13 @@ with the trigger word than for unrelated prompts". Measured as the mean |LoRA - 
 circle on black", "a mountain lake", ...), 9 runs (3 base seeds x 3 training seeds): 0.94 to 1.35, below
 1 in 4 runs. Its 32-wide random text encoder gives every prompt similar embeddings, and the LoRA's
 text-independent parts (self-attention, cross-attention queries) move every prompt alike.
+Split by part (base fitted 1500 steps, 2 runs): the text-encoder LoRA alone moves unrelated prompts as
+much as trigger prompts (ratio 0.95-1.18, and it is the largest part), self-attention 0.90-0.97,
+cross-attention keys/values 0.56-0.68 (unrelated prompts, more tokens, move more). Levers tried, ratio
+over all parts: a base fitted 1500/3000 steps 1.04-1.42; whole-word tokens with dominant token
+embeddings 1.03; prior-preservation images with the domain's captions 0.92-1.36; text_encoder_lr 1e-3
+1.17; a text encoder fitted with the UNet 1.44, but the LoRA then loses the trigger binding (gap -0.004).
+By timestep the ratio is highest at t=999 (1.06-1.25) and ~1.02 by t=100. No margin to assert.
 """
 
 from __future__ import annotations
