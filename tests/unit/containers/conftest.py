@@ -3,13 +3,11 @@ run (through the entrypoint) whose LoRA the inference tests reuse."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from diffusion_kit import REGION, TrainingRun, make_sagemaker_dirs
+from diffusion_kit import TrainingRun, make_sagemaker_dirs
 from loraflow_diffusion.tiny import build_tiny_sd
-from moto import mock_aws
 
 
 @pytest.fixture(scope="session")
@@ -30,16 +28,3 @@ def training_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> 
         patch.setattr("sys.stdout", sink)
         exit_code = main(["train"])
     return TrainingRun(dirs, exit_code, capture.read_text())
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with mock_aws():
-        yield
