@@ -6,6 +6,7 @@ The jobs table is built from template.yaml's own declaration, so the tests follo
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from io import BytesIO
@@ -15,6 +16,8 @@ from typing import Any
 import boto3
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from cfnlint.decode import decode
+from loraflow_shared.jobs.model import Job, JobStatus
+from loraflow_shared.jobs.repository import JobRepository
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -143,3 +146,22 @@ class FakeLambdaContext(LambdaContext):
     @staticmethod
     def get_remaining_time_in_millis() -> int:
         return 60_000
+
+
+def claim_job(repository: JobRepository, job_id: str, statuses: Iterable[JobStatus], **fields: Any) -> Job:
+    """Claim a job of dataset 0001-dataset (VALIDATING); move it through `statuses` as the pipeline does."""
+    now = repository.now()
+    repository.claim(
+        Job(
+            job_id=job_id,
+            dataset="0001-dataset",
+            status=JobStatus.VALIDATING,
+            created_at=now,
+            updated_at=now,
+            fingerprint="f" * 64,
+            **fields,
+        )
+    )
+    for status in statuses:
+        repository.transition(job_id, status)
+    return repository.require(job_id)

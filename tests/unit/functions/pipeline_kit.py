@@ -7,7 +7,7 @@ import tarfile
 from typing import Any
 
 import boto3
-from functions_aws import ARTIFACTS_BUCKET, REGION, FakeLambdaContext, load_event
+from functions_aws import ARTIFACTS_BUCKET, REGION, FakeLambdaContext, claim_job, load_event
 from loraflow_pipeline import app
 from loraflow_pipeline.logic import PipelineTasks
 from loraflow_shared.jobs.model import Job, JobStatus, PreviewSettings
@@ -26,26 +26,17 @@ def run(tasks: PipelineTasks, context: FakeLambdaContext, payload: dict[str, Any
 
 
 def job_in(repository: JobRepository, status: JobStatus) -> Job:
-    now = repository.now()
-    repository.claim(
-        Job(
-            job_id=JOB_ID,
-            dataset="0001-dataset",
-            status=JobStatus.VALIDATING,
-            created_at=now,
-            updated_at=now,
-            fingerprint="f" * 64,
-            dataset_s3_uri="s3://loraflow-datasets/0001-dataset/",
-            config_file="config.toml",
-            base_model="s3://loraflow-artifacts/base-models/tiny-sd/",
-            preview=PreviewSettings(
-                prompts=["a photo of zqxj dog", "zqxj dog"], steps=3, resolution=64, seed=7, clip_skip=2
-            ),
-        )
+    return claim_job(
+        repository,
+        JOB_ID,
+        PATH_TO.get(status, []),
+        dataset_s3_uri="s3://loraflow-datasets/0001-dataset/",
+        config_file="config.toml",
+        base_model="s3://loraflow-artifacts/base-models/tiny-sd/",
+        preview=PreviewSettings(
+            prompts=["a photo of zqxj dog", "zqxj dog"], steps=3, resolution=64, seed=7, clip_skip=2
+        ),
     )
-    for step in PATH_TO.get(status, []):
-        repository.transition(JOB_ID, step)
-    return repository.require(JOB_ID)
 
 
 def model_archive(members: dict[str, bytes]) -> str:

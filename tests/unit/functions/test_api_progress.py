@@ -7,7 +7,7 @@ from typing import Any
 
 import boto3
 import pytest
-from functions_aws import ARTIFACTS_BUCKET, REGION, Cloud, FakeLambdaContext, load_event
+from functions_aws import ARTIFACTS_BUCKET, REGION, Cloud, FakeLambdaContext, claim_job, load_event
 from loraflow_api import app
 from loraflow_api.adapters import build_queries
 from loraflow_api.logic import JobQueries
@@ -41,22 +41,9 @@ def _get_job(queries: JobQueries) -> tuple[int, dict[str, Any]]:
 
 
 def _job_in(repository: JobRepository, status: JobStatus) -> Job:
-    now = repository.now()
-    repository.claim(
-        Job(
-            job_id=JOB_ID,
-            dataset="0001-dataset",
-            status=JobStatus.VALIDATING,
-            created_at=now,
-            updated_at=now,
-            fingerprint="f" * 64,
-            dataset_s3_uri="s3://datasets/0001-dataset/",
-        )
-    )
     path = [JobStatus.QUEUED, JobStatus.TRAINING, JobStatus.GENERATING_PREVIEWS, JobStatus.COMPLETED]
-    for step in path[: path.index(status) + 1]:
-        repository.transition(JOB_ID, step)
-    return repository.require(JOB_ID)
+    statuses = path[: path.index(status) + 1]
+    return claim_job(repository, JOB_ID, statuses, dataset_s3_uri="s3://datasets/0001-dataset/")
 
 
 def _write_progress(body: bytes) -> None:

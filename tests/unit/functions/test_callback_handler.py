@@ -13,6 +13,7 @@ from functions_aws import (
     REGION,
     Cloud,
     FakeLambdaContext,
+    claim_job,
     create_cloud,
     load_event,
 )
@@ -20,7 +21,7 @@ from loraflow_callback import app
 from loraflow_callback.adapters import build_callback
 from loraflow_callback.logic import PreviewCallback
 from loraflow_callback.settings import CallbackSettings
-from loraflow_shared.jobs.model import Job, JobStatus
+from loraflow_shared.jobs.model import JobStatus
 from loraflow_shared.jobs.repository import JobRepository
 from moto import mock_aws
 
@@ -104,20 +105,8 @@ class WaitingExecution:
 
 def job_waiting_for_previews(cloud: Cloud, token: str | None) -> None:
     repository = JobRepository(cloud.table)
-    now = repository.now()
-    repository.claim(
-        Job(
-            job_id=JOB_ID,
-            dataset="0001-dataset",
-            status=JobStatus.VALIDATING,
-            created_at=now,
-            updated_at=now,
-            fingerprint="f" * 64,
-            dataset_s3_uri="s3://loraflow-datasets/0001-dataset/",
-        )
-    )
-    for status in (JobStatus.QUEUED, JobStatus.TRAINING):
-        repository.transition(JOB_ID, status)
+    statuses = (JobStatus.QUEUED, JobStatus.TRAINING)
+    claim_job(repository, JOB_ID, statuses, dataset_s3_uri="s3://loraflow-datasets/0001-dataset/")
     repository.transition(JOB_ID, JobStatus.GENERATING_PREVIEWS, preview_task_token=token)
 
 
