@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -31,11 +32,15 @@ _SDXL_TEXT_2_HIDDEN = 48
 _SDXL_TIME_EMBED_DIM = 8  # SDXL embeds 6 numbers (original size, crop corner, target size)
 
 
-def build_tiny_sd(path: Path, seed: int = 0) -> Path:
-    """Write a tiny diffusers SD 1.5 pipeline to `path` (same seed, same weights) and return `path`."""
+def build_tiny_sd(path: Path, seed: int = 0, words: Sequence[str] = ()) -> Path:
+    """Write a tiny diffusers SD 1.5 pipeline to `path` (same seed, same weights) and return `path`.
+
+    `words` are kept whole by the tokenizer, one token each, as a real CLIP vocabulary keeps common words;
+    any other text is spelled out byte by byte.
+    """
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
         torch.manual_seed(seed)
-        tokenizer = _tiny_clip_tokenizer()
+        tokenizer = _tiny_clip_tokenizer(words)
         pipe = StableDiffusionPipeline(
             vae=_tiny_vae(),
             text_encoder=_tiny_text_encoder(vocab_size=len(tokenizer)),
@@ -147,14 +152,32 @@ def _text_encoder_config(vocab_size: int, hidden_size: int = _TEXT_HIDDEN) -> CL
     )
 
 
-def _tiny_clip_tokenizer() -> CLIPTokenizer:
-    """CLIP's byte-level BPE with no merges: every byte is a token, so any text encodes without <unk>."""
+def _tiny_clip_tokenizer(words: Sequence[str] = ()) -> CLIPTokenizer:
+    """CLIP's byte-level BPE: every byte is a token, so any text encodes without <unk>, plus merges that
+    join each of `words` (lower-case ASCII) into one token."""
     alphabet = _byte_alphabet()
     tokens = [_BOS, _EOS, *alphabet, *(symbol + "</w>" for symbol in alphabet)]
+    merges = _word_merges(words)
+    tokens += [
+        token for token in dict.fromkeys(left + right for left, right in merges) if token not in tokens
+    ]
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), "utf-8")
-        (Path(folder) / "merges.txt").write_text("#version: 0.2\n", "utf-8")
+        lines = ["#version: 0.2", *(f"{left} {right}" for left, right in merges)]
+        (Path(folder) / "merges.txt").write_text("\n".join(lines) + "\n", "utf-8")
         return CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TOKENS)
+
+
+def _word_merges(words: Sequence[str]) -> list[tuple[str, str]]:
+    """BPE merges that build each word left to right: ("c", "a"), ("ca", "t</w>") for "cat"."""
+    merges: dict[tuple[str, str], None] = {}
+    for word in words:
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        joined = symbols[0]
+        for symbol in symbols[1:]:
+            merges[(joined, symbol)] = None
+            joined += symbol
+    return list(merges)
 
 
 def _byte_alphabet() -> list[str]:

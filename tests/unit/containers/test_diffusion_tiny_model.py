@@ -62,6 +62,19 @@ def test_given_trigger_word_when_tokenized_then_round_trips_without_unknown_toke
     assert tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == prompt.replace(" ", "")
 
 
+def test_given_words_when_built_then_each_word_is_one_token(
+    tmp_path: Path,
+) -> None:
+    model = build_tiny_sd(tmp_path / "model", words=("red", "circle", "bl", "blue", "dwjz"))
+    tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
+    text_encoder = CLIPTextConfig.from_pretrained(model / "text_encoder")
+
+    tokens = tokenizer.tokenize("a red circle, blue dwjz bluee")
+
+    assert tokens == ["a</w>", "red</w>", "circle</w>", ",</w>", "blue</w>", "dwjz</w>", "blu", "e", "e</w>"]
+    assert text_encoder.vocab_size == len(tokenizer)  # every merged word has its own embedding row
+
+
 SDXL_WEIGHT_FILES = [*WEIGHT_FILES, "text_encoder_2/model.safetensors"]
 
 

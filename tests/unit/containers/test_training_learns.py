@@ -5,29 +5,42 @@ on black), must:
 - lower the denoising loss on its training images at fixed noise seeds and timesteps, clearly, against
   the base model;
 - tie each subject to its own trigger: on a subject's images, its own trigger gives a lower loss than
-  the other subject's trigger, where the base model cannot tell the two words apart.
+  the other subject's trigger, and the LoRA widens that gap well beyond the base model's;
+- change outputs more for prompts with the trigger word than for unrelated prompts.
 
-The base model. `build_tiny_sd` has random weights: its VAE's posterior noise (std ~1) buries the image
-(latent std ~0.26), and its UNet does not denoise (loss 1.12 on these images, worse than predicting
-zero). Measured: a LoRA trained on it only learns to damp that noise, whatever the prompt (swapping the
-captions changes the loss by < 1e-4). A LoRA adapts a model that knows its domain, so the fixture stands
-in for a pretrained SD: the tiny VAE gets a near-deterministic posterior and unit-variance latents (what
-SD's `scaling_factor` is for), and the tiny UNet is fitted for a few hundred full steps to captioned
-shapes ("a green circle on black", ...). The subjects' trigger words are then new to it.
+The base model. `build_tiny_sd` has random weights: its VAE's posterior noise buries the image and its
+UNet does not denoise, so a LoRA trained on it only learns to damp that noise, whatever the prompt. A LoRA
+adapts a model that knows its domain, so the fixture stands in for a pretrained SD:
+- the VAE gets a near-deterministic posterior and unit-variance latents (what SD's `scaling_factor` is
+  for);
+- the tokenizer keeps the domain's words whole, as CLIP's vocabulary does, and the token embeddings are
+  scaled by 10 so that words, not positions, dominate the hidden states (in the random tiny CLIP both
+  have the same spread, and every prompt encodes alike); the triggers are tokens the base never trained
+  on;
+- the UNet is fitted (2000 full steps, cosine decay) to every scene ("a green circle on black", ...) at
+  8 sizes. Fitted to 32 images it memorised them instead (loss 0.03 on them, 0.13-0.38 on a new size),
+  and any LoRA then mostly relearnt the scenes, moving unrelated prompts as much as the triggers.
 
-Not asserted, because it does not hold on this tiny model: "the LoRA changes outputs more for prompts
-with the trigger word than for unrelated prompts". Measured as the mean |LoRA - base| noise prediction
-(same noisy latents; seeds 0-2 x timesteps 100-900) for 4 trigger prompts over 4 unrelated ones ("a green
-circle on black", "a mountain lake", ...), 9 runs (3 base seeds x 3 training seeds): 0.94 to 1.35, below
-1 in 4 runs. Its 32-wide random text encoder gives every prompt similar embeddings, and the LoRA's
-text-independent parts (self-attention, cross-attention queries) move every prompt alike.
-Split by part (base fitted 1500 steps, 2 runs): the text-encoder LoRA alone moves unrelated prompts as
-much as trigger prompts (ratio 0.95-1.18, and it is the largest part), self-attention 0.90-0.97,
-cross-attention keys/values 0.56-0.68 (unrelated prompts, more tokens, move more). Levers tried, ratio
-over all parts: a base fitted 1500/3000 steps 1.04-1.42; whole-word tokens with dominant token
-embeddings 1.03; prior-preservation images with the domain's captions 0.92-1.36; text_encoder_lr 1e-3
-1.17; a text encoder fitted with the UNet 1.44, but the LoRA then loses the trigger binding (gap -0.004).
-By timestep the ratio is highest at t=999 (1.06-1.25) and ~1.02 by t=100. No margin to assert.
+Measured over 10 runs on 1 CPU thread (base seeds 0-2 x training seeds 1-3, and base 3 x training 1).
+This test runs base 1, training 1; "this run" gives its numbers on 1 thread / on 2 (the summation order
+changes the fitted base).
+- LoRA loss / base loss on the training images: 0.649 to 0.757 (this run 0.746 / 0.711).
+- Trigger gap (loss with the other subject's trigger minus with the own one), LoRA on: 0.005 to 0.095
+  (this run 0.077 / 0.086). The base's own gap is not 0, as its random trigger embeddings lean towards one
+  scene or the other (-0.042 to +0.012); the LoRA's share (LoRA gap minus base gap): 0.045 to 0.112
+  (this run 0.080 / 0.098).
+- Specificity: the mean |LoRA - base| noise prediction for the 4 trigger prompts ("dwjz", "a photo of
+  qvkx", ...) on their subject's images over that for 4 unrelated scene prompts on their own images:
+  1.16 to 1.66 (this run 1.32 / 1.54); with the unrelated prompts read on the subjects' images instead:
+  1.06 to 1.78.
+- The WEAK_LORA effect: 0.109 to 0.146 mean pixel change, 28x or more the 1/255 threshold (on the
+  earlier base, 100 steps at lr 1e-3 / 1e-4 / 1e-5 gave 0.038 / 0.024 / 0.0023, the last flagged).
+
+What the specificity needs, measured on the way (single runs on earlier variants of this base): with
+the text-encoder LoRA at the UNet's learning rate (1e-3) about 1.1, as that LoRA moves every prompt's
+hidden states; at a tenth of it (kohya's usual choice, used here) 1.5-1.6; UNet-only 1.7-1.9. On a base
+fitted to 32 images: 0.85 to 2.3 over 10 runs. With the byte-level tokenizer and unscaled embeddings
+(unrelated prompts read on the subjects' images, 9 runs): 0.94 to 1.35.
 """
 
 from __future__ import annotations
@@ -57,31 +70,41 @@ COLOURS: dict[str, Colour] = {
     "green": (40, 200, 60),
     "yellow": (230, 220, 40),
 }
+SHAPES = ("circle", "square")
 BACKGROUNDS: dict[str, Colour] = {"white": (235, 235, 225), "black": (25, 25, 35)}
 SIZE = 64
 # The LoRA's subjects: folder -> (colour, shape, background); each image's caption is the folder's trigger.
 SUBJECTS = {"4_dwjz": ("red", "circle", "white"), "4_qvkx": ("blue", "square", "black")}
 OTHER_TRIGGER = {"dwjz": "qvkx", "qvkx": "dwjz"}
-IMAGES_PER_SUBJECT = 4
-BASE_FIT_STEPS = 400  # full UNet steps, batch 8: about 13 s on 2 CPU cores
+TRIGGER_PROMPTS = ("dwjz", "qvkx", "a photo of dwjz", "a photo of qvkx")
+# Prompts unrelated to the subjects: other scenes the base knows, each read on its own images.
+UNRELATED_SCENES = (
+    ("green", "circle", "black"),
+    ("yellow", "square", "white"),
+    ("blue", "circle", "white"),
+    ("red", "square", "black"),
+)
+# Whole-word tokens, as a real CLIP vocabulary has; the triggers are tokens the base never saw.
+VOCABULARY = (*COLOURS, *SHAPES, *BACKGROUNDS, "a", "on", "photo", "of", *OTHER_TRIGGER)
+TOKEN_EMBEDDING_SCALE = 10.0  # see the docstring: words, not positions, dominate the hidden states
+BASE_MARGINS = range(6, 14)  # every scene at 8 sizes: the base learns scenes, not 32 memorised images
+BASE_FIT_STEPS = 2000  # full UNet steps, batch 8, cosine decay: about 40 s on 2 CPU cores
 BASE_FIT_LR = 3e-3
-TRAIN_STEPS = 100
-TIMESTEPS = (100, 300, 500, 700, 900)  # where the losses are read
+IMAGES_PER_SUBJECT = 4
+TRAIN_STEPS = 300
+TIMESTEPS = (100, 300, 500, 700, 900)  # where the losses and output changes are read
 NOISE_SEEDS = (0, 1, 2)
-# Thresholds, from 9 runs (base seeds 0-2 x training seeds 1-3; this test runs base 0, training 1):
-# LoRA loss / base loss on the training images: 0.827 to 0.928 (this run 0.861).
-LOSS_RATIO_LIMIT = 0.95
-# Loss with the other subject's trigger minus with the own trigger, LoRA on: 0.0069 to 0.0301 (this run
-# 0.0115); the base: within 0.0003 of 0 (this run 0.0001), it cannot tell the triggers apart.
-TRIGGER_GAP_MIN = 0.004
-BASE_TRIGGER_GAP_MAX = 0.001
-
+# Thresholds, from the 10 runs in the docstring.
+LOSS_RATIO_LIMIT = 0.85  # LoRA loss / base loss on the training images: 0.649 to 0.757
+TRIGGER_GAP_GAIN_MIN = 0.03  # LoRA trigger gap minus the base's: 0.045 to 0.112
+SPECIFICITY_MIN = 1.1  # trigger-prompt change / unrelated-prompt change: 1.16 to 1.66
 CONFIG_TOML = """\
 [training_arguments]
 resolution = {size}
 max_train_steps = {steps}
 train_batch_size = 2
-learning_rate = 1e-2
+learning_rate = 1e-3
+text_encoder_lr = 1e-4
 seed = {seed}
 mixed_precision = "no"
 
@@ -114,12 +137,14 @@ def _load(model: Path) -> SupportedPipeline:
 
 
 def build_pretrained_base(path: Path, seed: int = 0) -> Path:
-    """The tiny SD with a content-keeping VAE and a UNet fitted to captioned shapes (see the docstring)."""
-    build_tiny_sd(path, seed)
+    """The tiny SD with a word vocabulary, a content-keeping VAE and a UNet fitted to captioned scenes
+    (see the docstring)."""
+    build_tiny_sd(path, seed, words=VOCABULARY)
     pipe = _load(path)
-    rng = np.random.default_rng(seed)
-    combos = itertools.product(COLOURS, ("circle", "square"), BACKGROUNDS, range(2))
-    domain = [(shape_image(c, s, b, int(rng.integers(8, 12))), f"a {c} {s} on {b}") for c, s, b, _ in combos]
+    with torch.no_grad():
+        pipe.text_encoder.get_input_embeddings().weight.mul_(TOKEN_EMBEDDING_SCALE)
+    scenes = itertools.product(COLOURS, SHAPES, BACKGROUNDS, BASE_MARGINS)
+    domain = [(shape_image(c, s, b, margin), scene_prompt(c, s, b)) for c, s, b, margin in scenes]
     pixels = to_pixels([image for image, _ in domain])
     _make_vae_deterministic(pipe, pixels)
     with torch.no_grad():
@@ -130,6 +155,10 @@ def build_pretrained_base(path: Path, seed: int = 0) -> Path:
         _fit_unet(pipe, latents, text.encoder_hidden_states)
     pipe.save_pretrained(path)
     return path
+
+
+def scene_prompt(colour: str, shape: str, background: str) -> str:
+    return f"a {colour} {shape} on {background}"
 
 
 def _make_vae_deterministic(pipe: SupportedPipeline, pixels: torch.Tensor) -> None:
@@ -144,10 +173,11 @@ def _make_vae_deterministic(pipe: SupportedPipeline, pixels: torch.Tensor) -> No
 
 
 def _fit_unet(pipe: SupportedPipeline, latents: torch.Tensor, text: torch.Tensor) -> None:
-    """Plain full-UNet denoising training, batch 8: the stand-in base's "pretraining"."""
+    """Plain full-UNet denoising training, batch 8, cosine decay: the stand-in base's "pretraining"."""
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     unet = pipe.unet
     optimizer = torch.optim.AdamW(unet.parameters(), lr=BASE_FIT_LR)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, BASE_FIT_STEPS)
     unet.train()
     for _ in range(BASE_FIT_STEPS):
         rows = torch.randint(0, len(latents), (8,))
@@ -158,6 +188,7 @@ def _fit_unet(pipe: SupportedPipeline, latents: torch.Tensor, text: torch.Tensor
         torch.nn.functional.mse_loss(prediction, noise).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        schedule.step()
     unet.eval()
 
 
@@ -242,6 +273,44 @@ class Learned:
                 losses.append(float(torch.mean((prediction - noise) ** 2)))
         return sum(losses) / len(losses)
 
+    @torch.no_grad()
+    def output_change(self, prompt: str, latents: torch.Tensor) -> float:
+        """Mean |LoRA - base| noise prediction for `prompt` on noisy `latents`; the same noise every call."""
+        changes = []
+        for seed, timestep in itertools.product(NOISE_SEEDS, TIMESTEPS):
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+            timesteps = torch.full((len(noise),), timestep)
+            noisy = self.scheduler.add_noise(latents, noise, cast(torch.IntTensor, timesteps))
+            predictions = []
+            for enabled in (True, False):
+                with self.lora(enabled):
+                    cond = self.family.encode_prompts(self.pipe, [prompt] * len(latents), (SIZE, SIZE))
+                    predictions.append(self.family.predict(self.pipe.unet, noisy, timesteps, cond))
+            changes.append(float(torch.mean(torch.abs(predictions[0] - predictions[1]))))
+        return sum(changes) / len(changes)
+
+    def subject_latents(self, trigger: str) -> torch.Tensor:
+        return self.latents[[index for index, caption in enumerate(self.captions) if caption == trigger]]
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        latents = self.pipe.vae.encode(to_pixels(images)).latent_dist.mean
+        return latents * self.pipe.vae.config.scaling_factor
+
+    def trigger_and_unrelated_change(self) -> tuple[float, float]:
+        """The LoRA's output change for the trigger prompts on their subject's images, and for the unrelated
+        scenes' prompts on their own images (the images each prompt's outputs are made of)."""
+        trigger = [
+            self.output_change(prompt, self.subject_latents(prompt.split()[-1])) for prompt in TRIGGER_PROMPTS
+        ]
+        unrelated = [
+            self.output_change(
+                scene_prompt(*scene), self.encode([shape_image(*scene, margin) for margin in (8, 10)])
+            )
+            for scene in UNRELATED_SCENES
+        ]
+        return sum(trigger) / len(trigger), sum(unrelated) / len(unrelated)
+
     def trigger_gap(self, lora: bool) -> float:
         """Loss with each image's caption replaced by the other subject's trigger, minus with its own."""
         swapped = [OTHER_TRIGGER[caption] for caption in self.captions]
@@ -250,7 +319,7 @@ class Learned:
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory: pytest.TempPathFactory) -> Learned:
-    base = build_pretrained_base(tmp_path_factory.mktemp("learns-base") / "base", seed=0)
+    base = build_pretrained_base(tmp_path_factory.mktemp("learns-base") / "base", seed=1)
     with pytest.MonkeyPatch.context() as monkeypatch:
         dirs = train_lora(tmp_path_factory.mktemp("learns-job"), base, seed=1, monkeypatch=monkeypatch)
     return Learned.load(base, dirs)
@@ -271,13 +340,20 @@ def test_given_trained_lora_when_prompted_with_other_subjects_trigger_then_loss_
     base_gap = learned.trigger_gap(lora=False)
     tuned_gap = learned.trigger_gap(lora=True)
 
-    assert abs(base_gap) < BASE_TRIGGER_GAP_MAX, base_gap  # the effect is the LoRA's, not the base's
-    assert tuned_gap > TRIGGER_GAP_MIN, tuned_gap
+    assert tuned_gap > 0.0, tuned_gap
+    assert tuned_gap - base_gap > TRIGGER_GAP_GAIN_MIN, (base_gap, tuned_gap)  # the LoRA's doing
+
+
+def test_given_trained_lora_when_prompting_trigger_and_unrelated_then_trigger_outputs_change_more(
+    learned: Learned,
+) -> None:
+    trigger, unrelated = learned.trigger_and_unrelated_change()
+
+    assert trigger / unrelated > SPECIFICITY_MIN, (trigger, unrelated)
 
 
 def test_given_lora_that_learns_when_effect_checked_then_not_flagged_weak(learned: Learned) -> None:
-    """The WEAK_LORA check on a domain-aware base: this LoRA moves the pixels by 0.089 (23x the 1/255
-    threshold); on the same base, 100 steps at lr 1e-3 / 1e-4 / 1e-5 give 0.038 / 0.024 / 0.0023 (weak)."""
+    """The WEAK_LORA check on a domain-aware base (numbers in the module's docstring)."""
     effect = learned.report["effect"]
 
     assert not effect["weak"], effect
