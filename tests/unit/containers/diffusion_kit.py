@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import boto3
 import numpy as np
+import torch
+from loraflow_diffusion.single_file import config_dir_for
 from PIL import Image, ImageDraw
 
 REGION = "us-east-1"
@@ -92,3 +97,35 @@ class TrainingRun:
     dirs: SageMakerDirs
     exit_code: int
     stdout: str
+
+
+def render_ohwx(pipe: Any) -> np.ndarray:
+    """A fixed 3-step 64 px render of "ohwx, a red circle" (seed 0), for comparing two ways of loading."""
+    generator = torch.Generator("cpu").manual_seed(0)
+    result = pipe(
+        "ohwx, a red circle",
+        num_inference_steps=3,
+        height=64,
+        width=64,
+        generator=generator,
+        output_type="np",
+    )
+    return np.asarray(result.images[0])
+
+
+def assert_same_weights(loaded: Any, reference: Any, components: Sequence[str]) -> None:
+    """The named components of two pipelines hold bit-identical state dicts."""
+    for name in components:
+        expected, actual = getattr(reference, name).state_dict(), getattr(loaded, name).state_dict()
+        assert actual.keys() == expected.keys(), name
+        assert all(torch.equal(actual[key], expected[key]) for key in expected), name
+
+
+def upload_checkpoint_with_config(checkpoint: Path, bucket: str, prefix: str) -> str:
+    """Upload a single-file checkpoint and its config folder under `prefix`; return the checkpoint's URI."""
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket=bucket)
+    for path in [checkpoint, *config_dir_for(checkpoint).rglob("*")]:
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(checkpoint.parent).as_posix()}")
+    return f"s3://{bucket}/{prefix}/{checkpoint.name}"

@@ -15,6 +15,7 @@ import pytest
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+from diffusion_kit import render_ohwx
 from loraflow_diffusion.families import SupportedPipeline
 from loraflow_diffusion.tiny import build_tiny_sdxl
 from loraflow_shared.dataset.config import TrainingConfig
@@ -82,19 +83,6 @@ def _add_random_lora(pipe: SupportedPipeline, components: tuple[str, ...]) -> No
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
 
 
-def _render(pipe: SupportedPipeline) -> np.ndarray:
-    generator = torch.Generator("cpu").manual_seed(0)
-    result = pipe(
-        "ohwx, a red circle",
-        num_inference_steps=3,
-        height=64,
-        width=64,
-        generator=generator,
-        output_type="np",
-    )
-    return np.asarray(result.images[0])
-
-
 def _metadata_inputs(base_model: str) -> LoraMetadataInputs:
     return LoraMetadataInputs(
         config=TrainingConfig.model_validate({"resolution": 64, "network_dim": RANK, "network_alpha": ALPHA}),
@@ -112,15 +100,15 @@ def _export(
     pipeline_class: type[SupportedPipeline], model: Path, components: tuple[str, ...], model_dir: Path
 ) -> Export:
     pipe = _load(pipeline_class, model)
-    base = _render(pipe)
+    base = render_ohwx(pipe)
     _add_random_lora(pipe, components)
-    in_memory = _render(pipe)
+    in_memory = render_ohwx(pipe)
     saved = save_lora(model_dir, pipe, OUTPUT_NAME, _metadata_inputs(str(model)))
     renders = []
     for weights in (saved.diffusers_file, saved.kohya_file):
         fresh = _load(pipeline_class, model)
         fresh.load_lora_weights(model_dir, weight_name=weights.name)
-        renders.append(_render(fresh))
+        renders.append(render_ohwx(fresh))
     return Export(saved, base, in_memory, *renders)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusion_kit import assert_same_weights, render_ohwx, upload_checkpoint_with_config
 from loraflow_diffusion.families import SupportedPipeline
 from loraflow_diffusion.models import load_pipeline
 from loraflow_diffusion.single_file import config_dir_for, save_single_file
@@ -37,21 +38,10 @@ def _load_error(ref: str, cache_dir: Path) -> str:
     return caught.value.message
 
 
-def _render(pipe: SupportedPipeline) -> np.ndarray:
-    generator = torch.Generator("cpu").manual_seed(11)
-    result = pipe(
-        "a red circle", height=32, width=32, num_inference_steps=3, generator=generator, output_type="np"
-    )
-    return np.asarray(result.images[0])
-
-
 def _assert_same_pipeline(loaded: SupportedPipeline, reference: SupportedPipeline, image: np.ndarray) -> None:
     assert isinstance(loaded, StableDiffusionPipeline)
-    for name in ("unet", "vae", "text_encoder"):
-        expected, actual = getattr(reference, name).state_dict(), getattr(loaded, name).state_dict()
-        assert actual.keys() == expected.keys(), name
-        assert all(torch.equal(actual[key], expected[key]) for key in expected), name
-    np.testing.assert_allclose(_render(loaded), image, atol=1e-6)
+    assert_same_weights(loaded, reference, ("unet", "vae", "text_encoder"))
+    np.testing.assert_allclose(render_ohwx(loaded), image, atol=1e-6)
 
 
 def _copy_with_weights(source: Path, target: Path, weights: dict[str, torch.Tensor]) -> Path:
@@ -71,7 +61,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> P
 @pytest.fixture(scope="module")
 def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
     pipe = _load(str(tiny_model), tmp_path_factory.mktemp("cache"))
-    image = _render(pipe)
+    image = render_ohwx(pipe)
     assert np.ptp(image) > 0.05, "a flat render would make the comparisons below meaningless"
     return pipe, image
 
@@ -101,15 +91,9 @@ def test_given_local_checkpoint_with_config_when_loaded_then_renders_like_the_di
 def test_given_s3_checkpoint_with_config_when_loaded_then_renders_like_the_diffusers_folder(
     aws: None, checkpoints: Path, reference: Reference, tmp_path: Path
 ) -> None:
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket="models")
-    s3.upload_file(str(checkpoints / "tiny-sd.safetensors"), "models", "base-models/tiny-sd.safetensors")
-    for path in config_dir_for(checkpoints / "tiny-sd.safetensors").rglob("*"):
-        if path.is_file():
-            relative = path.relative_to(checkpoints).as_posix()
-            s3.upload_file(str(path), "models", f"base-models/{relative}")
+    uri = upload_checkpoint_with_config(checkpoints / "tiny-sd.safetensors", "models", "base-models")
 
-    pipe = _load("s3://models/base-models/tiny-sd.safetensors", tmp_path)
+    pipe = _load(uri, tmp_path)
 
     _assert_same_pipeline(pipe, *reference)
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+from diffusion_kit import assert_same_weights, render_ohwx, upload_checkpoint_with_config
 from loraflow_diffusion.families import SupportedPipeline, family_of
 from loraflow_diffusion.models import load_pipeline
 from loraflow_diffusion.single_file import config_dir_for, save_single_file
@@ -30,28 +30,12 @@ def _load(ref: str, cache_dir: Path) -> SupportedPipeline:
     return load_pipeline(ref, device=CPU, dtype=torch.float32, cache_dir=cache_dir, expect_family="sdxl")
 
 
-def _render(pipe: SupportedPipeline) -> np.ndarray:
-    generator = torch.Generator("cpu").manual_seed(5)
-    result = pipe(
-        "ohwx, a red circle",
-        height=64,
-        width=64,
-        num_inference_steps=3,
-        generator=generator,
-        output_type="np",
-    )
-    return np.asarray(result.images[0])
-
-
 def _assert_same_pipeline(
     loaded: SupportedPipeline, reference: StableDiffusionXLPipeline, image: np.ndarray
 ) -> None:
     assert isinstance(loaded, StableDiffusionXLPipeline) and family_of(loaded).name == "sdxl"
-    for name in COMPONENTS:
-        expected, actual = getattr(reference, name).state_dict(), getattr(loaded, name).state_dict()
-        assert actual.keys() == expected.keys(), name
-        assert all(torch.equal(actual[key], expected[key]) for key in expected), name
-    np.testing.assert_allclose(_render(loaded), image, atol=1e-6)
+    assert_same_weights(loaded, reference, COMPONENTS)
+    np.testing.assert_allclose(render_ohwx(loaded), image, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +55,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_sdxl: Path) -> Pa
 def reference(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
     pipe = _load(str(tiny_sdxl), tmp_path_factory.mktemp("cache"))
     assert isinstance(pipe, StableDiffusionXLPipeline)
-    image = _render(pipe)
+    image = render_ohwx(pipe)
     assert np.ptp(image) > 0.05, "a flat render would make the comparisons below meaningless"
     return pipe, image
 
@@ -111,14 +95,9 @@ def test_given_local_sdxl_checkpoint_with_config_when_loaded_then_renders_like_t
 def test_given_s3_sdxl_checkpoint_with_config_when_loaded_then_renders_like_the_diffusers_folder(
     aws: None, checkpoints: Path, reference: Reference, tmp_path: Path
 ) -> None:
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket="models")
-    checkpoint = checkpoints / "tiny-sdxl.safetensors"
-    for path in [checkpoint, *config_dir_for(checkpoint).rglob("*")]:
-        if path.is_file():
-            s3.upload_file(str(path), "models", f"base-models/{path.relative_to(checkpoints).as_posix()}")
+    uri = upload_checkpoint_with_config(checkpoints / "tiny-sdxl.safetensors", "models", "base-models")
 
-    pipe = _load("s3://models/base-models/tiny-sdxl.safetensors", tmp_path)
+    pipe = _load(uri, tmp_path)
 
     _assert_same_pipeline(pipe, *reference)
 

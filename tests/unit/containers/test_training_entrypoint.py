@@ -12,26 +12,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
-from diffusion_kit import CONFIG_FILE, TRAIN_STEPS, TrainingRun, make_sagemaker_dirs
+from diffusion_kit import CONFIG_FILE, TRAIN_STEPS, TrainingRun, make_sagemaker_dirs, render_ohwx
 from loraflow_diffusion.tiny import build_tiny_sd
 from loraflow_shared.contracts import TrainingProgress
 from loraflow_training.__main__ import main
 from loraflow_training.report import TrainingReportV2
 from PIL import Image
 from safetensors.torch import load_file
-
-
-def _render(pipe: StableDiffusionPipeline) -> np.ndarray:
-    generator = torch.Generator("cpu").manual_seed(0)
-    result = pipe(
-        "ohwx, a red circle",
-        num_inference_steps=3,
-        height=64,
-        width=64,
-        generator=generator,
-        output_type="np",
-    )
-    return np.asarray(result.images[0])
 
 
 def _report(run: TrainingRun) -> TrainingReportV2:
@@ -102,10 +89,10 @@ def test_given_trained_lora_when_loaded_into_base_then_output_changes(
 ) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
     pipe.set_progress_bar_config(disable=True)
-    base = _render(pipe)
+    base = render_ohwx(pipe)
 
     pipe.load_lora_weights(training_run.dirs.model)
-    with_lora = _render(pipe)
+    with_lora = render_ohwx(pipe)
 
     assert pipe.unet.peft_config["default_0"].lora_alpha == 2  # from the config, not the rank (4)
     assert base.shape == with_lora.shape == (64, 64, 3)
