@@ -5,7 +5,7 @@ on black), must:
 - lower the denoising loss on its training images at fixed noise seeds and timesteps, clearly, against
   the base model;
 - tie each subject to its own trigger: on a subject's images, its own trigger gives a lower loss than
-  the other subject's trigger, and the LoRA widens that gap well beyond the base model's;
+  the other subject's trigger, where the base model can barely tell the two words apart;
 - change outputs more for prompts with the trigger word than for unrelated prompts.
 
 The base model. `build_tiny_sd` has random weights: its VAE's posterior noise buries the image and its
@@ -15,34 +15,34 @@ adapts a model that knows its domain, so the fixture stands in for a pretrained 
   for);
 - the tokenizer keeps the domain's words whole, as CLIP's vocabulary does, and the token embeddings are
   scaled by 10 so that words, not positions, dominate the hidden states (in the random tiny CLIP both
-  have the same spread, and every prompt encodes alike); the triggers are tokens the base never trained
-  on;
+  have the same spread, and every prompt encodes alike); the triggers are tokens the base never saw;
 - the UNet is fitted (2000 full steps, cosine decay) to every scene ("a green circle on black", ...) at
-  8 sizes. Fitted to 32 images it memorised them instead (loss 0.03 on them, 0.13-0.38 on a new size),
-  and any LoRA then mostly relearnt the scenes, moving unrelated prompts as much as the triggers.
+  8 sizes, each captioned cleanly and 3 times with a made-up word inserted (e.g. "a green zqbt circle
+  on black"), as real captions carry words that mean nothing for the image.
+Why each: fitted to 32 images the UNet memorised them (loss 0.03 on them, 0.13-0.38 on a new size), and
+any LoRA then mostly relearnt the scenes, moving unrelated prompts about as much as the triggers. Without
+the made-up words the base reacts to a new word as if it meant something: its trigger gap (below) was
+-0.042 to +0.012, and on the base that leaned most, the specificity stayed 1.16-1.19 whatever the
+training settings (text-encoder lr halved, 600 steps, UNet-only, lr 3e-4).
 
-Measured over 10 runs on 1 CPU thread (base seeds 0-2 x training seeds 1-3, and base 3 x training 1).
-This test runs base 1, training 1; "this run" gives its numbers on 1 thread / on 2 (the summation order
-changes the fitted base).
-- LoRA loss / base loss on the training images: 0.649 to 0.757 (this run 0.746 / 0.711).
-- Trigger gap (loss with the other subject's trigger minus with the own one), LoRA on: 0.005 to 0.095
-  (this run 0.077 / 0.086). The base's own gap is not 0, as its random trigger embeddings lean towards one
-  scene or the other (-0.042 to +0.012); the LoRA's share (LoRA gap minus base gap): 0.045 to 0.112
-  (this run 0.080 / 0.098).
+Measured over 12 runs on 1 CPU thread (base seeds 0-3 x training seeds 1-3). This test runs base 1,
+training 1; "this run" gives its numbers on 1 thread / on 2 (the summation order changes the fitted
+base).
+- LoRA loss / base loss on the training images: 0.713 to 0.854 (this run 0.745 / 0.736).
+- Trigger gap (loss with the other subject's trigger minus with the own one): LoRA on 0.042 to 0.107
+  (this run 0.081 / 0.098); the base -0.012 to +0.004 (this run 0.000 / 0.004).
 - Specificity: the mean |LoRA - base| noise prediction for the 4 trigger prompts ("dwjz", "a photo of
   qvkx", ...) on their subject's images over that for 4 unrelated scene prompts on their own images:
-  1.16 to 1.66 (this run 1.32 / 1.54); with the unrelated prompts read on the subjects' images instead:
-  1.06 to 1.78.
-- The WEAK_LORA effect: 0.109 to 0.146 mean pixel change, 28x or more the 1/255 threshold (on the
+  1.55 to 2.29 (this run 1.62 / 1.88).
+- The WEAK_LORA effect: 0.105 to 0.131 mean pixel change, 26x or more the 1/255 threshold (on an
   earlier base, 100 steps at lr 1e-3 / 1e-4 / 1e-5 gave 0.038 / 0.024 / 0.0023, the last flagged).
 
-What the specificity needs, measured on the way (single runs on earlier variants of this base): with
-the text-encoder LoRA at the UNet's learning rate (1e-3) about 1.1, as that LoRA moves every prompt's
-hidden states; at a tenth of it (a common choice, used here) 1.5-1.6; UNet-only 1.7-1.9. On a base
-fitted to 32 images: 0.85 to 2.3 over 10 runs. The spread above is the base's: on base 0 (the lowest,
-1.16) the ratio stays 1.16-1.19 with the text-encoder lr halved, 600 steps, UNet-only, or lr 3e-4.
-With the byte-level tokenizer and unscaled embeddings (unrelated prompts read on the subjects' images,
-9 runs): 0.94 to 1.35.
+The text-encoder learning rate is a tenth of the UNet's (a common choice); at the UNet's own rate the
+specificity is 1.97 and 1.62 (bases 0 and 1, training 1), so it is not what makes the margin. The
+specificity on the way there (the unrelated prompts read on their own images unless said): without the
+made-up words 1.16-1.66 over 10 runs, and 1.15-1.26 (2 runs) with the text-encoder LoRA at the UNet's
+rate; fitted to 32 images 0.85-2.3 over 10 runs; with the byte-level tokenizer and unscaled embeddings
+(unrelated prompts read on the subjects' images, 9 runs) 0.94-1.35.
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ UNRELATED_SCENES = (
 # Whole-word tokens, as a real CLIP vocabulary has; the triggers are tokens the base never saw.
 VOCABULARY = (*COLOURS, *SHAPES, *BACKGROUNDS, "a", "on", "photo", "of", *OTHER_TRIGGER)
 TOKEN_EMBEDDING_SCALE = 10.0  # see the docstring: words, not positions, dominate the hidden states
+FILLER_WORD_COUNT = 24  # words without meaning that the base's captions carry (see the docstring)
+CAPTION_VARIANTS = 3  # per scene image, besides its clean caption: one filler word inserted
 BASE_MARGINS = range(6, 14)  # every scene at 8 sizes: the base learns scenes, not 32 memorised images
 BASE_FIT_STEPS = 2000  # full UNet steps, batch 8, cosine decay: about 40 s on 2 CPU cores
 BASE_FIT_LR = 3e-3
@@ -96,10 +98,12 @@ IMAGES_PER_SUBJECT = 4
 TRAIN_STEPS = 300
 TIMESTEPS = (100, 300, 500, 700, 900)  # where the losses and output changes are read
 NOISE_SEEDS = (0, 1, 2)
-# Thresholds, from the 10 runs in the docstring.
-LOSS_RATIO_LIMIT = 0.85  # LoRA loss / base loss on the training images: 0.649 to 0.757
-TRIGGER_GAP_GAIN_MIN = 0.03  # LoRA trigger gap minus the base's: 0.045 to 0.112
-SPECIFICITY_MIN = 1.1  # trigger-prompt change / unrelated-prompt change: 1.16 to 1.66
+# Thresholds, from the 12 runs in the docstring.
+LOSS_RATIO_LIMIT = 0.92  # LoRA loss / base loss on the training images: 0.713 to 0.854
+TRIGGER_GAP_MIN = 0.025  # the LoRA's trigger gap: 0.042 to 0.107
+BASE_TRIGGER_GAP_MAX = 0.02  # |the base's trigger gap|: at most 0.012
+SPECIFICITY_MIN = 1.3  # trigger-prompt change / unrelated-prompt change: 1.55 to 2.29
+
 CONFIG_TOML = """\
 [training_arguments]
 resolution = {size}
@@ -141,22 +145,45 @@ def _load(model: Path) -> SupportedPipeline:
 def build_pretrained_base(path: Path, seed: int = 0) -> Path:
     """The tiny SD with a word vocabulary, a content-keeping VAE and a UNet fitted to captioned scenes
     (see the docstring)."""
-    build_tiny_sd(path, seed, words=VOCABULARY)
+    fillers = filler_words()
+    build_tiny_sd(path, seed, words=(*VOCABULARY, *fillers))
     pipe = _load(path)
     with torch.no_grad():
         pipe.text_encoder.get_input_embeddings().weight.mul_(TOKEN_EMBEDDING_SCALE)
-    scenes = itertools.product(COLOURS, SHAPES, BACKGROUNDS, BASE_MARGINS)
-    domain = [(shape_image(c, s, b, margin), scene_prompt(c, s, b)) for c, s, b, margin in scenes]
-    pixels = to_pixels([image for image, _ in domain])
+    scenes = list(itertools.product(COLOURS, SHAPES, BACKGROUNDS, BASE_MARGINS))
+    pixels = to_pixels([shape_image(c, s, b, margin) for c, s, b, margin in scenes])
     _make_vae_deterministic(pipe, pixels)
+    rng = np.random.default_rng(seed)
+    captions = [_noisy_captions(scene_prompt(c, s, b), fillers, rng) for c, s, b, _ in scenes]
     with torch.no_grad():
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        text = family_of(pipe).encode_prompts(pipe, [caption for _, caption in domain], (SIZE, SIZE))
+        prompts = [caption for variants in captions for caption in variants]
+        text = family_of(pipe).encode_prompts(pipe, prompts, (SIZE, SIZE))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        _fit_unet(pipe, latents, text.encoder_hidden_states)
+        _fit_unet(pipe, latents.repeat_interleave(1 + CAPTION_VARIANTS, dim=0), text.encoder_hidden_states)
     pipe.save_pretrained(path)
     return path
+
+
+def filler_words() -> list[str]:
+    """Made-up four-consonant words, none a trigger: the noise in the stand-in base's captions."""
+    rng, consonants, words = np.random.default_rng(1234), list("bcdfghjklmnpqrstvwxz"), []
+    while len(words) < FILLER_WORD_COUNT:
+        word = "".join(rng.choice(consonants, 4))
+        if word not in OTHER_TRIGGER and word not in words:
+            words.append(word)
+    return words
+
+
+def _noisy_captions(caption: str, fillers: Sequence[str], rng: np.random.Generator) -> list[str]:
+    """The caption, then variants with a filler word at a random place."""
+    variants = [caption]
+    for _ in range(CAPTION_VARIANTS):
+        words = caption.split()
+        words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(list(fillers))))
+        variants.append(" ".join(words))
+    return variants
 
 
 def scene_prompt(colour: str, shape: str, background: str) -> str:
@@ -342,8 +369,8 @@ def test_given_trained_lora_when_prompted_with_other_subjects_trigger_then_loss_
     base_gap = learned.trigger_gap(lora=False)
     tuned_gap = learned.trigger_gap(lora=True)
 
-    assert tuned_gap > 0.0, tuned_gap
-    assert tuned_gap - base_gap > TRIGGER_GAP_GAIN_MIN, (base_gap, tuned_gap)  # the LoRA's doing
+    assert abs(base_gap) < BASE_TRIGGER_GAP_MAX, base_gap  # the binding is the LoRA's, not the base's
+    assert tuned_gap > TRIGGER_GAP_MIN, tuned_gap
 
 
 def test_given_trained_lora_when_prompting_trigger_and_unrelated_then_trigger_outputs_change_more(
