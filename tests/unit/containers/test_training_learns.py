@@ -92,7 +92,7 @@ TOKEN_EMBEDDING_SCALE = 10.0  # see the docstring: words, not positions, dominat
 FILLER_WORD_COUNT = 24  # words without meaning that the base's captions carry (see the docstring)
 CAPTION_VARIANTS = 3  # per scene image, besides its clean caption: one filler word inserted
 BASE_MARGINS = range(6, 14)  # every scene at 8 sizes: the base learns scenes, not 32 memorised images
-BASE_FIT_STEPS = 2000  # full UNet steps, batch 8, cosine decay: about 40 s on 2 CPU cores
+BASE_FIT_STEPS = 2000  # full UNet steps, batch 8, cosine decay: most of this test's ~75 s on 2 CPU cores
 BASE_FIT_LR = 3e-3
 IMAGES_PER_SUBJECT = 4
 TRAIN_STEPS = 300
@@ -134,6 +134,12 @@ def to_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
+@torch.no_grad()
+def to_latents(pipe: SupportedPipeline, images: Sequence[Image.Image]) -> torch.Tensor:
+    """The images as the UNet sees them: posterior means, scaled."""
+    return pipe.vae.encode(to_pixels(images)).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
 def _load(model: Path) -> SupportedPipeline:
     cpu, cache = torch.device("cpu"), model.parent / "model-cache"
     return load_pipeline(str(model), device=cpu, dtype=torch.float32, cache_dir=cache)
@@ -151,12 +157,12 @@ def build_pretrained_base(path: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         pipe.text_encoder.get_input_embeddings().weight.mul_(TOKEN_EMBEDDING_SCALE)
     scenes = list(itertools.product(COLOURS, SHAPES, BACKGROUNDS, BASE_MARGINS))
-    pixels = to_pixels([shape_image(c, s, b, margin) for c, s, b, margin in scenes])
-    _make_vae_deterministic(pipe, pixels)
+    images = [shape_image(c, s, b, margin) for c, s, b, margin in scenes]
+    _make_vae_deterministic(pipe, to_pixels(images))
+    latents = to_latents(pipe, images)
     rng = np.random.default_rng(seed)
     captions = [_noisy_captions(scene_prompt(c, s, b), fillers, rng) for c, s, b, _ in scenes]
     with torch.no_grad():
-        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
         prompts = [caption for variants in captions for caption in variants]
         text = family_of(pipe).encode_prompts(pipe, prompts, (SIZE, SIZE))
     with torch.random.fork_rng(devices=[]):
@@ -272,13 +278,11 @@ class Learned:
         pipe = _load(base)
         pipe.load_lora_weights(dirs.model)
         paths = sorted(dirs.dataset.glob("*/*.png"))
-        with torch.no_grad():
-            latents = pipe.vae.encode(to_pixels([Image.open(path) for path in paths])).latent_dist.mean
+        latents = to_latents(pipe, [Image.open(path) for path in paths])
         captions = [path.parent.name.split("_", 1)[1] for path in paths]
-        scaled = latents * pipe.vae.config.scaling_factor
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         report = json.loads((dirs.model / "training_report.json").read_text(encoding="utf-8"))
-        return cls(pipe, family_of(pipe), scaled, captions, scheduler, report)
+        return cls(pipe, family_of(pipe), latents, captions, scheduler, report)
 
     @contextmanager
     def lora(self, enabled: bool) -> Iterator[None]:
@@ -305,6 +309,10 @@ class Learned:
     @torch.no_grad()
     def output_change(self, prompt: str, latents: torch.Tensor) -> float:
         """Mean |LoRA - base| noise prediction for `prompt` on noisy `latents`; the same noise every call."""
+        conds = {}
+        for enabled in (True, False):  # the text-encoder LoRA changes the prompt's embeddings too
+            with self.lora(enabled):
+                conds[enabled] = self.family.encode_prompts(self.pipe, [prompt] * len(latents), (SIZE, SIZE))
         changes = []
         for seed, timestep in itertools.product(NOISE_SEEDS, TIMESTEPS):
             noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
@@ -313,18 +321,12 @@ class Learned:
             predictions = []
             for enabled in (True, False):
                 with self.lora(enabled):
-                    cond = self.family.encode_prompts(self.pipe, [prompt] * len(latents), (SIZE, SIZE))
-                    predictions.append(self.family.predict(self.pipe.unet, noisy, timesteps, cond))
+                    predictions.append(self.family.predict(self.pipe.unet, noisy, timesteps, conds[enabled]))
             changes.append(float(torch.mean(torch.abs(predictions[0] - predictions[1]))))
         return sum(changes) / len(changes)
 
     def subject_latents(self, trigger: str) -> torch.Tensor:
         return self.latents[[index for index, caption in enumerate(self.captions) if caption == trigger]]
-
-    @torch.no_grad()
-    def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        latents = self.pipe.vae.encode(to_pixels(images)).latent_dist.mean
-        return latents * self.pipe.vae.config.scaling_factor
 
     def trigger_and_unrelated_change(self) -> tuple[float, float]:
         """The LoRA's output change for the trigger prompts on their subject's images, and for the unrelated
@@ -332,12 +334,10 @@ class Learned:
         trigger = [
             self.output_change(prompt, self.subject_latents(prompt.split()[-1])) for prompt in TRIGGER_PROMPTS
         ]
-        unrelated = [
-            self.output_change(
-                scene_prompt(*scene), self.encode([shape_image(*scene, margin) for margin in (8, 10)])
-            )
-            for scene in UNRELATED_SCENES
-        ]
+        unrelated = []
+        for scene in UNRELATED_SCENES:
+            images = [shape_image(*scene, margin) for margin in (8, 10)]
+            unrelated.append(self.output_change(scene_prompt(*scene), to_latents(self.pipe, images)))
         return sum(trigger) / len(trigger), sum(unrelated) / len(unrelated)
 
     def trigger_gap(self, lora: bool) -> float:
