@@ -36,7 +36,7 @@ def build_tiny_sd(path: Path, seed: int = 0, words: Sequence[str] = ()) -> Path:
     """Write a tiny diffusers SD 1.5 pipeline to `path` (same seed, same weights) and return `path`.
 
     `words` are kept whole by the tokenizer, one token each, as a real CLIP vocabulary keeps common words;
-    any other text is spelled out byte by byte.
+    other text falls back to bytes (a word's prefix may still merge: "bluee" -> "blu", "e", "e</w>").
     """
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
         torch.manual_seed(seed)
