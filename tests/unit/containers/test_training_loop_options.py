@@ -56,16 +56,24 @@ def test_given_param_groups_when_optimizer_built_then_each_group_keeps_its_rate(
         assert optimizer.param_groups[0]["relative_step"] is False
 
 
-def test_given_fractional_warmup_when_scheduled_then_lr_ramps_over_that_share_then_holds() -> None:
-    config = TrainingConfig(lr_scheduler="constant_with_warmup", lr_warmup_steps=0.25)
-    optimizer = build_optimizer("AdamW", _groups())
-    schedule = build_lr_scheduler(config, optimizer, total_steps=40)
-
+def _scheduled_rates(
+    config: TrainingConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> list[float]:
+    """The first group's learning rate at each step of a run under the config's schedule."""
+    schedule = build_lr_scheduler(config, optimizer, total_steps=total_steps)
     rates = []
-    for _ in range(40):
+    for _ in range(total_steps):
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         schedule.step()
+    return rates
+
+
+def test_given_fractional_warmup_when_scheduled_then_lr_ramps_over_that_share_then_holds() -> None:
+    config = TrainingConfig(lr_scheduler="constant_with_warmup", lr_warmup_steps=0.25)
+    optimizer = build_optimizer("AdamW", _groups())
+
+    rates = _scheduled_rates(config, optimizer, total_steps=40)
 
     assert rates[0] == 0.0 and rates[5] == pytest.approx(1e-3 * 5 / 10)
     assert rates[10:] == [pytest.approx(1e-3)] * 30
@@ -75,13 +83,8 @@ def test_given_fractional_warmup_when_scheduled_then_lr_ramps_over_that_share_th
 def test_given_cosine_with_restarts_when_scheduled_then_lr_returns_to_peak_each_cycle() -> None:
     config = TrainingConfig(lr_scheduler="cosine_with_restarts", lr_scheduler_num_cycles=2)
     optimizer = build_optimizer("AdamW", _groups())
-    schedule = build_lr_scheduler(config, optimizer, total_steps=20)
 
-    rates = []
-    for _ in range(20):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
+    rates = _scheduled_rates(config, optimizer, total_steps=20)
 
     assert rates[0] == rates[10] == pytest.approx(1e-3)
     assert rates[9] < 1e-4 and rates[19] < 1e-4
