@@ -2,8 +2,10 @@
 
 The layout rules (subset folders, `reg/` subsets, which caption belongs to which image, `metadata.jsonl`)
 come from `loraflow_shared.dataset`, the same code that validated the upload. Images are opened once
-here (size, EXIF orientation, a full decode so a broken file fails the job before the model loads);
-their pixels are decoded again only when `TrainingData.pixels` asks, so memory holds no image set.
+here (size, EXIF orientation, a full decode and conversion so a broken file fails the job before the
+model loads); their pixels are decoded again only when `TrainingData.pixels` asks, so memory holds no
+image set. `pixels.py` says what every kind of PNG, JPEG and WebP becomes (orientation, 16-bit, palettes,
+CMYK, transparency over white, animation).
 
 Where this differs from kohya: images are resized with Pillow's LANCZOS both ways (kohya shrinks with
 OpenCV's INTER_AREA), and a JPEG much larger than its bucket is decoded at 1/2-1/8 scale first
@@ -27,16 +29,23 @@ import numpy as np
 import torch
 from loraflow_shared.dataset.captions import caption_texts
 from loraflow_shared.dataset.config import TrainingConfig
-from loraflow_shared.dataset.layout import Subset, SubsetFiles, group_files, parse_subset_folder
+from loraflow_shared.dataset.layout import (
+    FORMAT_EXTENSIONS,
+    Subset,
+    SubsetFiles,
+    group_files,
+    parse_subset_folder,
+)
 from loraflow_shared.errors import ErrorCode, LoraflowError
-from PIL import ExifTags, Image, ImageOps
+from PIL import Image
 
 from loraflow_training.buckets import BucketFit, Bucketing
 from loraflow_training.captions import CaptionRules
+from loraflow_training.pixels import oriented_size, to_training_rgb
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 _PROBE_THREADS = 8  # Pillow decodes without the GIL: a few threads cut the start-up check
-_SWAPPED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that turn the image by 90 degrees
+_FORMATS = tuple(FORMAT_EXTENSIONS)  # decoded as validation judged them (magic bytes), nothing else
 
 logger = logging.getLogger(__name__)
 
@@ -210,22 +219,21 @@ def _probe_all(root: Path, rel_paths: Sequence[str], bucketing: Bucketing) -> li
 
 
 def _probe(root: Path, rel_path: str, bucketing: Bucketing) -> BucketFit:
-    """The image's bucket, after decoding it whole (at a reduced JPEG scale) to prove it decodes."""
+    """The image's bucket (for its upright size), after decoding and converting it whole (at a reduced JPEG
+    scale) to prove that works."""
     with _opened(root, rel_path) as image:
-        width, height = image.size
-        if image.getexif().get(ExifTags.Base.Orientation) in _SWAPPED_ORIENTATIONS:
-            width, height = height, width
-        fit = bucketing.fit(width, height)
+        fit = bucketing.fit(*oriented_size(image))
         _draft(image, fit)
-        image.load()
+        to_training_rgb(image, rel_path)
     return fit
 
 
 def _fitted_image(root: Path, rel_path: str, fit: BucketFit) -> Image.Image:
-    """Decode, orient, resize to cover the bucket, centre-crop (kohya's `trim_and_resize_if_required`)."""
+    """Decode, orient and convert, resize to cover the bucket, centre-crop (kohya's
+    `trim_and_resize_if_required`)."""
     with _opened(root, rel_path) as image:
         _draft(image, fit)
-        oriented = ImageOps.exif_transpose(image).convert("RGB")
+        oriented = to_training_rgb(image, rel_path)
     if oriented.size != fit.resized:
         oriented = oriented.resize(fit.resized, Image.Resampling.LANCZOS)
     return oriented.crop(fit.crop_box()) if oriented.size != fit.bucket else oriented
@@ -240,7 +248,7 @@ def _draft(image: Image.Image, fit: BucketFit) -> None:
 @contextmanager
 def _opened(root: Path, rel_path: str) -> Iterator[Image.Image]:
     try:
-        with Image.open(root / rel_path) as image:
+        with Image.open(root / rel_path, formats=_FORMATS) as image:
             yield image
     except _DECODE_ERRORS as exc:
         raise LoraflowError(ErrorCode.UNREADABLE_IMAGE, f"cannot decode image: {exc}", rel_path) from exc

@@ -131,7 +131,7 @@ def test_given_preview_resolution_when_preview_size_then_square_override() -> No
         ("learning_rate = -1e-4", "learning_rate: must be greater than 0 and at most 1, got -0.0001"),
         ("max_train_steps = 0", "max_train_steps: must be between 1 and 100000, got 0"),
         ("train_batch_size = 65", "train_batch_size: must be between 1 and 64, got 65"),
-        ("seed = -1", "seed: must be at least 0, got -1"),
+        ("seed = -1", "seed: must be between 0 and 4294967295, got -1"),
         (
             'resolution = "32,512"',
             "resolution (width): must be between 64 and 4096 and a multiple of 8, got 32",
@@ -146,7 +146,7 @@ def test_given_preview_resolution_when_preview_size_then_square_override() -> No
             "[loraflow]\npreview_resolution = 100",
             "loraflow.preview_resolution: must be between 64 and 2048 and a multiple of 8, got 100",
         ),
-        ("[loraflow]\npreview_seed = -3", "loraflow.preview_seed: must be at least 0, got -3"),
+        ("[loraflow]\npreview_seed = -3", "loraflow.preview_seed: must be between 0 and 4294967295, got -3"),
     ],
 )
 def test_given_out_of_range_value_when_parsed_then_message_names_key_rule_and_value(

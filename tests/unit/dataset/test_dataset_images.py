@@ -107,7 +107,7 @@ def test_given_unsupported_content_named_png_when_inspected_then_unsupported_for
 
     assert error.code is ErrorCode.UNSUPPORTED_FORMAT
     assert looks_like in error.message
-    assert "PNG, JPEG and WebP" in error.message
+    assert "supported formats are PNG (.png), JPEG (.jpg, .jpeg), WebP (.webp)" in error.message
 
 
 def test_given_empty_file_when_inspected_then_unsupported_format_empty() -> None:

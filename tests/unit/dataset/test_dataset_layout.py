@@ -138,7 +138,10 @@ def test_given_key_of_other_dataset_when_relative_path_then_unsafe_key() -> None
         (".DS_Store", FileKind.UNEXPECTED),
         ("60_a/.hidden.png", FileKind.UNEXPECTED),
         ("__MACOSX/60_a/._x.png", FileKind.UNEXPECTED),
-        ("60_a/x.gif", FileKind.UNEXPECTED),
+        ("60_a/x.gif", FileKind.UNSUPPORTED_IMAGE),
+        ("reg/1_dog/x.HEIC", FileKind.UNSUPPORTED_IMAGE),
+        ("60_a/sub/x.tif", FileKind.UNEXPECTED),  # where no image is used, no format is wrong either
+        ("x.bmp", FileKind.UNEXPECTED),
     ],
 )
 def test_given_relative_path_when_classified_then_kind(rel_path: str, kind: FileKind) -> None:

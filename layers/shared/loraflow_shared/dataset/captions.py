@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from loraflow_shared.dataset.layout import SubsetFiles
+from loraflow_shared.dataset.layout import SUPPORTED_FORMATS, SubsetFiles, is_unsupported_image
 from loraflow_shared.errors import ErrorCode, LoraflowError, Problem, ValidationFailed
 
 MAX_CAPTION_BYTES = 4096
@@ -68,7 +68,7 @@ def parse_metadata(
         try:
             name, caption = _read_line(line, max_caption_bytes)
             if name not in images_by_name:
-                raise ValueError(f"file_name {name!r} is not an image directly in {folder}/")
+                raise ValueError(_not_an_image(name, folder))
             if name in first_line:
                 raise ValueError(f"file_name {name!r} already has a caption on line {first_line[name]}")
         except ValueError as exc:
@@ -79,6 +79,15 @@ def parse_metadata(
     if not first_line and not result.problems:
         bad('metadata has no lines: give each image a line like {"file_name": "a.png", "text": "..."}')
     return _capped(result, metadata_path)
+
+
+def _not_an_image(name: str, folder: str) -> str:
+    if is_unsupported_image(name):
+        return (
+            f"file_name {name!r} is in a format loraflow does not read (supported: {SUPPORTED_FORMATS}); "
+            "convert the image and name the new file here"
+        )
+    return f"file_name {name!r} is not an image directly in {folder}/"
 
 
 def _read_line(line: str, max_caption_bytes: int) -> tuple[str, str]:

@@ -15,12 +15,38 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from loraflow_shared.dataset import config_rules
-from loraflow_shared.dataset.config_messages import CONFLICT_ERROR, LORAFLOW_TABLE, describe_errors
+from loraflow_shared.dataset.config_messages import (
+    CONFLICT_ERROR,
+    LORAFLOW_TABLE,
+    cut,
+    describe_errors,
+    shown_value,
+)
+from loraflow_shared.dataset.config_rules import MAX_PREVIEW_SIDE
+from loraflow_shared.dataset.layout import MAX_PREVIEW_PROMPTS
 from loraflow_shared.errors import ErrorCode, Problem, ValidationFailed
 
+# Every bound below is what a consumer of the value accepts (the trainer, torch/numpy seeding, the renderer,
+# DynamoDB, SageMaker), so an accepted config never fails later for being out of range. Floats are finite
+# everywhere (``allow_inf_nan=False``): NaN and inf train nothing and DynamoDB refuses them.
+
+# A CLIP prompt is cut at 77 tokens; 1000 characters is generous and keeps 8 prompts far inside a DynamoDB
+# item (400 KB), where the job record carries them.
 Prompt = Annotated[str, Field(min_length=1, max_length=1000)]
+# The VAE works on multiples of 8 px; a 4096 px side already needs the largest images validation accepts
+# (16.7 megapixels, IMAGE_TOO_LARGE).
 ImageSide = Annotated[int, Field(ge=64, le=4096, multiple_of=8)]
 LearningRate = Annotated[float, Field(gt=0, le=1)]
+# numpy's legacy seeding (``np.random.seed``, which the trainer and accelerate's ``set_seed`` call) takes
+# 0..2**32-1; torch's ``manual_seed`` takes up to 2**64-1, so ``seed + i`` (one generator per prompt or
+# image) always fits, and the number is exact in DynamoDB (38 digits) and in JSON read by JavaScript (2**53).
+MAX_SEED = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+# The longest base-model reference: an ``s3://`` URI is at most 5 + 63 (bucket) + 1 + 1024 (key) characters.
+# It also travels as a SageMaker hyperparameter (values up to 2500 characters) and in the job record.
+MAX_MODEL_REF_CHARS = 5 + 63 + 1 + 1024
+ModelRef = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_REF_CHARS)]
+PreviewPrompts = Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PREVIEW_PROMPTS)]
 RESOLUTION_FORMS = 'an integer like 512, or a string like "512" or "768,512" (width,height)'
 
 Optimizer = Literal["AdamW", "AdamW8bit", "Adafactor"]
@@ -33,66 +59,75 @@ LrScheduler = Literal[
 class LoraflowSettings(BaseModel):
     """The ``[loraflow]`` table: preview rendering after training."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, allow_inf_nan=False)
 
-    preview_prompts: Annotated[list[Prompt], Field(min_length=1, max_length=8)] | None = None
+    preview_prompts: PreviewPrompts | None = None
+    # Diffusers' schedulers take up to their 1000 training timesteps; past ~150 steps nothing changes in
+    # the picture. The product with the prompts and the size is bounded by ``preview_budget`` in validation.
     preview_steps: Annotated[int, Field(ge=1, le=150)] = 20
-    preview_resolution: Annotated[int, Field(ge=64, le=2048, multiple_of=8)] | None = None
-    preview_seed: Annotated[int, Field(ge=0)] = 0
+    preview_resolution: Annotated[int, Field(ge=64, le=MAX_PREVIEW_SIDE, multiple_of=8)] | None = None
+    preview_seed: Seed = 0  # prompt i renders with preview_seed + i (i < MAX_PREVIEW_PROMPTS)
 
 
 class TrainingConfig(BaseModel):
     """The kohya keys loraflow honours (flattened), plus the ``[loraflow]`` table."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # model
-    pretrained_model_name_or_path: Annotated[str, Field(min_length=1)] | None = None
+    pretrained_model_name_or_path: ModelRef | None = None
     sdxl: bool | None = None  # None: detected from the model
-    clip_skip: Annotated[int, Field(ge=1, le=12)] | None = None  # SD 1.x only, as kohya
+    # SD 1.x only, as kohya; its CLIP text encoder has 12 layers, so 12 is the deepest skip there is.
+    clip_skip: Annotated[int, Field(ge=1, le=12)] | None = None
     # network
+    # peft takes any positive rank; past 1024 the adapter outgrows the layers it adapts (320-2048 wide).
     network_dim: Annotated[int, Field(ge=1, le=1024)] = 16
+    # The update is scaled by alpha / rank: an alpha above the largest rank only amplifies the learning rate.
     network_alpha: Annotated[float, Field(gt=0, le=1024)] = 8
     network_train_unet_only: bool | None = None
     # steps and batches
     resolution: tuple[ImageSide, ImageSide] = (512, 512)  # (width, height)
+    # Step, epoch and batch counts: no consumer has a range limit (Python ints, DynamoDB numbers); these are
+    # product limits far past a day of GPU time, so a typo (an extra zero or three) is caught before it bills.
     max_train_steps: Annotated[int, Field(ge=1, le=100_000)] = 1600
     max_train_epochs: Annotated[int, Field(ge=1, le=10_000)] | None = None  # overrides max_train_steps
-    train_batch_size: Annotated[int, Field(ge=1, le=64)] | None = None
+    train_batch_size: Annotated[int, Field(ge=1, le=64)] | None = None  # per GPU
     gradient_accumulation_steps: Annotated[int, Field(ge=1, le=1024)] = 1
-    seed: Annotated[int, Field(ge=0)] = 42
+    seed: Seed = 42
     save_every_n_steps: Annotated[int, Field(ge=1, le=100_000)] | None = None
     # optimizer and schedule
-    learning_rate: LearningRate = 1e-4
+    learning_rate: LearningRate = 1e-4  # Adam-family rates above 1 diverge at once (LoRA uses 1e-5..1e-3)
     unet_lr: LearningRate | None = None
     text_encoder_lr: LearningRate | None = None
     optimizer_type: Optimizer | None = None
     lr_scheduler: LrScheduler = "constant"
     lr_warmup_steps: int | float = 0  # steps, or a fraction of the total steps when a float < 1
+    # diffusers' schedulers take any positive values; more cycles than ~1000 or a power above 10 is noise.
     lr_scheduler_num_cycles: Annotated[int, Field(ge=1, le=1000)] = 1
     lr_scheduler_power: Annotated[float, Field(gt=0, le=10)] = 1.0
-    max_grad_norm: Annotated[float, Field(ge=0, le=1000)] = 1.0  # 0 disables clipping
+    max_grad_norm: Annotated[float, Field(ge=0, le=1000)] = 1.0  # 0 disables clipping; finite for torch
     # loss
+    # noise_offset is a fraction of the noise's unit variance; Min-SNR's paper recommends gamma 5.
     noise_offset: Annotated[float, Field(ge=0, le=1)] | None = None
     min_snr_gamma: Annotated[float, Field(gt=0, le=20)] | None = None
-    prior_loss_weight: Annotated[float, Field(ge=0, le=100)] = 1.0
+    prior_loss_weight: Annotated[float, Field(ge=0, le=100)] = 1.0  # weights the reg images' loss
     # memory and precision
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool | None = None
     cache_latents: bool | None = None
     # captions and augmentation
     shuffle_caption: bool = False
-    keep_tokens: Annotated[int, Field(ge=0, le=75)] = 0
-    caption_separator: Annotated[str, Field(min_length=1, max_length=8)] = ","
+    keep_tokens: Annotated[int, Field(ge=0, le=75)] = 0  # CLIP's 77 tokens less the start and end tokens
+    caption_separator: Annotated[str, Field(min_length=1, max_length=8)] = ","  # ",", "|", " ## ", ...
     caption_dropout_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
     flip_aug: bool = False
     # aspect-ratio buckets
     enable_bucket: bool = False
     min_bucket_reso: ImageSide = 256
     max_bucket_reso: ImageSide = 1024
-    bucket_reso_steps: Annotated[int, Field(ge=8, le=1024, multiple_of=8)] = 64
+    bucket_reso_steps: Annotated[int, Field(ge=8, le=1024, multiple_of=8)] = 64  # bucket sides stay VAE-sized
     bucket_no_upscale: bool = False
-    # outputs
+    # outputs: a file name in an S3 key and in every client's LoRA folder
     output_name: Annotated[
         str,
         Field(
@@ -145,7 +180,7 @@ class TrainingConfig(BaseModel):
         if isinstance(value, str):
             text = value.strip()
             value = int(text) if text.isdigit() else _float_or_none(text)
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise ValueError("expected a step count (integer) or a fraction of the total steps (0 to <1)")
         return value
 
@@ -185,6 +220,11 @@ class TrainingConfig(BaseModel):
         return (side, side) if side else self.resolution
 
     @property
+    def preview_side(self) -> int:
+        """The side of the square previews: the smaller side keeps them at the scale the LoRA learnt."""
+        return min(self.preview_size)
+
+    @property
     def unet_learning_rate(self) -> float:
         return self.unet_lr if self.unet_lr is not None else self.learning_rate
 
@@ -208,6 +248,13 @@ class TrainingConfig(BaseModel):
         if isinstance(self.lr_warmup_steps, float):
             return int(self.lr_warmup_steps * total_steps)
         return min(self.lr_warmup_steps, total_steps)
+
+
+# A config's problems are listed one per key, so they are few; keys nobody defined (ignored or unknown) are
+# not, and every problem is stored in the job record: past these counts the rest is summed up in one line.
+MAX_CONFIG_PROBLEMS = 50
+MAX_IGNORED_KEY_WARNINGS = 20
+_IGNORED = "not used by loraflow, ignored"
 
 
 class ParsedConfig(BaseModel):
@@ -236,19 +283,25 @@ def parse_config(text: bytes, path: str) -> ParsedConfig:
         problems += [invalid(message) for message in describe_errors(TrainingConfig, exc.errors())]
         config = None
     if problems or config is None:
-        raise ValidationFailed(problems)
+        raise ValidationFailed(_at_most(MAX_CONFIG_PROBLEMS, problems, "problems in the config"))
     return ParsedConfig(config=config, ignored_keys=ignored)
 
 
 def ignored_key_warnings(parsed: ParsedConfig, path: str) -> list[Problem]:
-    return [
-        Problem(
-            code=ErrorCode.IGNORED_CONFIG_KEY,
-            path=path,
-            message=f"{key}: not used by loraflow, ignored",
-        )
+    warnings = [
+        Problem(code=ErrorCode.IGNORED_CONFIG_KEY, path=path, message=f"{cut(key)}: {_IGNORED}")
         for key in parsed.ignored_keys
     ]
+    return _at_most(MAX_IGNORED_KEY_WARNINGS, warnings, f"keys {_IGNORED}")
+
+
+def _at_most(limit: int, problems: list[Problem], what: str) -> list[Problem]:
+    """The first ``limit`` problems, and one more that counts the rest (same code and path)."""
+    if len(problems) <= limit:
+        return problems
+    rest = len(problems) - limit
+    summary = problems[limit].model_copy(update={"message": f"and {rest} more {what}"})
+    return [*problems[:limit], summary]
 
 
 def config_warnings(parsed: ParsedConfig, path: str) -> list[Problem]:
@@ -268,9 +321,11 @@ def _flatten(document: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[
     conflicts: list[str] = []
 
     def put(key: str, value: Any, where: str) -> None:
-        if key in flat and flat[key] != value:
+        # Only honoured keys can contradict each other: an ignored key's values are never read.
+        if key in flat and flat[key] != value and key in TrainingConfig.model_fields:
             conflicts.append(
-                f"{key}: set twice with different values ({origin[key]}: {flat[key]!r}, {where}: {value!r})"
+                f"{key}: set twice with different values ({cut(origin[key])}: {shown_value(flat[key])}, "
+                f"{cut(where)}: {shown_value(value)})"
             )
         flat[key], origin[key] = value, where
 

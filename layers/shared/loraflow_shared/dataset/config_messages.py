@@ -11,6 +11,9 @@ from pydantic import BaseModel
 LORAFLOW_TABLE = "loraflow"
 CONFLICT_ERROR = "config_conflict"  # a cross-field rule; its messages travel in ctx["problems"]
 
+# Problems land in the job record (DynamoDB items are at most 400 KB) and in notifications (SNS messages at
+# most 256 KB): a value or key quoted in a message is cut to this length.
+MAX_SHOWN_CHARS = 100
 _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of"}
 _SIDE_NAMES = ("width", "height")
 
@@ -39,8 +42,19 @@ def _describe_error(model: type[BaseModel], error: Any) -> str:
     else:
         rule = str(error["msg"]).removeprefix("Value error, ")
         rule = rule[:1].lower() + rule[1:]
-    got = f" ({error['input']!r})" if "got " in rule else f", got {error['input']!r}"
+    shown = shown_value(error["input"])
+    got = f" ({shown})" if "got " in rule else f", got {shown}"
     return f"{_key_name(loc)}: {rule}{got}"
+
+
+def shown_value(value: Any) -> str:
+    """``repr(value)`` as a message quotes it (cut to ``MAX_SHOWN_CHARS``)."""
+    return cut(repr(value))
+
+
+def cut(text: str) -> str:
+    """``text`` cut to ``MAX_SHOWN_CHARS``: a problem's message is stored in the job record."""
+    return text if len(text) <= MAX_SHOWN_CHARS else f"{text[: MAX_SHOWN_CHARS - 3]}..."
 
 
 def _loraflow_table_keys(model: type[BaseModel]) -> list[str]:
@@ -87,18 +101,24 @@ def _range_rule(schema: dict[str, Any]) -> str | None:
     low, high = schema.get("minimum"), schema.get("maximum")
     low_open = schema.get("exclusiveMinimum")
     if low is not None and high is not None:
-        rule = f"must be between {low:g} and {high:g}"
+        rule = f"must be between {_number(low)} and {_number(high)}"
     elif low_open is not None and high is not None:
-        rule = f"must be greater than {low_open:g} and at most {high:g}"
+        rule = f"must be greater than {_number(low_open)} and at most {_number(high)}"
     elif low is not None:
-        rule = f"must be at least {low:g}"
+        rule = f"must be at least {_number(low)}"
     elif low_open is not None:
-        rule = f"must be greater than {low_open:g}"
+        rule = f"must be greater than {_number(low_open)}"
     elif high is not None:
-        rule = f"must be at most {high:g}"
+        rule = f"must be at most {_number(high)}"
     else:
         rule = ""
     step = schema.get("multipleOf")
     if step is not None:
-        rule = f"{rule} and a multiple of {step:g}" if rule else f"must be a multiple of {step:g}"
+        multiple = f"a multiple of {_number(step)}"
+        rule = f"{rule} and {multiple}" if rule else f"must be {multiple}"
     return rule or None
+
+
+def _number(value: float) -> str:
+    """A bound as written in a config: whole numbers in full (4294967295, not 4.29497e+09)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"

@@ -10,10 +10,19 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from loraflow_shared.dataset.config import TrainingConfig
 
+# Previews render square at the shorter preview side. The renderer's VAE decode at 4096x4096 does not fit
+# the default preview GPU (24 GB); the render-time budget (``preview_budget``) applies on top.
+MAX_PREVIEW_SIDE = 2048
+
 
 def conflicts(config: TrainingConfig) -> list[str]:
     """Messages for key combinations no trainer could honour (empty when consistent)."""
-    return _bucket_conflicts(config) + _warmup_conflicts(config) + _output_conflicts(config)
+    return (
+        _bucket_conflicts(config)
+        + _warmup_conflicts(config)
+        + _output_conflicts(config)
+        + _preview_conflicts(config)
+    )
 
 
 def moot_settings(config: TrainingConfig) -> list[tuple[str, str]]:
@@ -81,3 +90,15 @@ def _output_conflicts(config: TrainingConfig) -> list[str]:
             " loraflow also writes; choose another name"
         ]
     return []
+
+
+def _preview_conflicts(config: TrainingConfig) -> list[str]:
+    """Without ``preview_resolution`` previews take the training resolution, which may be too large."""
+    if config.loraflow.preview_resolution is not None or config.preview_side <= MAX_PREVIEW_SIDE:
+        return []
+    width, height = config.resolution
+    return [
+        f"resolution: previews render at its shorter side unless [loraflow] preview_resolution is set, and "
+        f"a preview side must be at most {MAX_PREVIEW_SIDE}; set loraflow.preview_resolution, "
+        f"got {width}x{height}"
+    ]

@@ -12,6 +12,7 @@ from typing import Literal
 from PIL import Image, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 from pydantic import BaseModel
 
+from loraflow_shared.dataset.layout import SUPPORTED_FORMATS
 from loraflow_shared.errors import ErrorCode, LoraflowError
 
 HEAD_BYTES = 64 * 1024
@@ -20,16 +21,19 @@ MAX_HEAD_BYTES = 1024 * 1024  # JPEG APPn segments (EXIF, ICC, XMP) can push the
 DEFAULT_MIN_SIDE = 64
 DEFAULT_MAX_PIXELS = 4096 * 4096
 
-ImageFormat = Literal["PNG", "JPEG", "WEBP"]
-FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
-    "PNG": (".png",),
-    "JPEG": (".jpg", ".jpeg"),
-    "WEBP": (".webp",),
-}
+ImageFormat = Literal["PNG", "JPEG", "WEBP"]  # the keys of layout.FORMAT_EXTENSIONS
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # zero length, type, CRC
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _JPEG_EOI = b"\xff\xd9"
+# JPEG frame headers (SOFn), ITU T.81 B.1.1.3. Pillow refuses precisions other than 8 bits and channel
+# counts other than 1, 3 and 4 at the header; libjpeg-turbo, which decodes for Pillow, refuses the
+# hierarchical (differential) processes when decoding. Every other mode Pillow reports for PNG
+# (1, L, I;16, P, RGB, LA, RGBA) and JPEG (L, RGB, CMYK) the trainer converts to RGB.
+_JPEG_FRAME_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC})  # not DHT, JPG, DAC
+_JPEG_DIFFERENTIAL_MARKERS = frozenset({0xC5, 0xC6, 0xC7, 0xCD, 0xCE, 0xCF})
+_JPEG_MARKERS_WITHOUT_LENGTH = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI
+_JPEG_START_OF_SCAN = 0xDA
 # Pillow's header parsers raise these on malformed or short input (Image.open catches the same set).
 _HEADER_ERRORS = (OSError, SyntaxError, ValueError, IndexError, TypeError, EOFError, struct.error)
 
@@ -66,12 +70,14 @@ def inspect_image(
     if image_format is None:
         raise LoraflowError(
             ErrorCode.UNSUPPORTED_FORMAT,
-            f"{describe_content(head, size)}; supported formats are PNG, JPEG and WebP",
+            f"{describe_content(head, size)}; supported formats are {SUPPORTED_FORMATS}",
             path,
         )
     if image_format == "WEBP":
         width, height = _webp_dimensions(head, path)
     else:
+        if image_format == "JPEG":
+            _check_jpeg_process(head, path)
         width, height = _pillow_dimensions(image_format, head, size, path)
     _check_complete(image_format, head, tail, size, path)
     if width * height > max_pixels:
@@ -130,6 +136,51 @@ def _pillow_dimensions(image_format: ImageFormat, head: bytes, size: int, path: 
         if len(head) >= MAX_HEAD_BYTES:
             reason = f"corrupt header, or a header longer than {MAX_HEAD_BYTES} bytes ({exc})"
         raise LoraflowError(ErrorCode.UNREADABLE_IMAGE, f"unreadable {image_format}: {reason}", path) from exc
+
+
+def _check_jpeg_process(head: bytes, path: str) -> None:
+    process = _unreadable_jpeg_process(head)
+    if process:
+        message = (
+            f"{process}; loraflow reads 8-bit JPEG with 1 (grey), 3 (colour) or 4 (CMYK) channels: "
+            "save it as such a JPEG or as PNG"
+        )
+        raise LoraflowError(ErrorCode.UNSUPPORTED_FORMAT, message, path)
+
+
+def _unreadable_jpeg_process(head: bytes) -> str | None:
+    """What makes the JPEG's frame unreadable for Pillow, if its frame header is in ``head``."""
+    frame = _jpeg_frame(head)
+    if frame is None:
+        return None  # not within head (Pillow then asks for more) or corrupt (Pillow says so)
+    marker, precision, channels = frame
+    if marker in _JPEG_DIFFERENTIAL_MARKERS:
+        return "hierarchical (differential) JPEG"
+    if precision != 8:
+        return f"{precision}-bit JPEG"
+    if channels not in (1, 3, 4):
+        return f"JPEG with {channels} channels"
+    return None
+
+
+def _jpeg_frame(head: bytes) -> tuple[int, int, int] | None:
+    """(marker, sample precision, channels) of the first frame header, walking the segments after SOI."""
+    pos = 2
+    while pos + 4 <= len(head):
+        if head[pos] != 0xFF:
+            return None
+        marker = head[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker in _JPEG_MARKERS_WITHOUT_LENGTH:
+            pos += 2
+        elif marker in _JPEG_FRAME_MARKERS:
+            return (marker, head[pos + 4], head[pos + 9]) if pos + 10 <= len(head) else None
+        elif marker == _JPEG_START_OF_SCAN:
+            return None
+        else:
+            pos += 2 + int.from_bytes(head[pos + 2 : pos + 4], "big")
+    return None
 
 
 def _webp_dimensions(head: bytes, path: str) -> tuple[int, int]:

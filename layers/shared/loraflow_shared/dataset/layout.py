@@ -18,7 +18,30 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loraflow_shared.errors import ErrorCode, LoraflowError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+# The image formats loraflow reads, by Pillow's format name, with the extensions that name an image file.
+# Content decides the format (magic bytes); the extension decides whether a file is taken as an image.
+FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
+    "PNG": (".png",),
+    "JPEG": (".jpg", ".jpeg"),
+    "WEBP": (".webp",),
+}
+IMAGE_EXTENSIONS = tuple(extension for extensions in FORMAT_EXTENSIONS.values() for extension in extensions)
+_FORMAT_NAMES = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}
+SUPPORTED_FORMATS = ", ".join(
+    f"{_FORMAT_NAMES[name]} ({', '.join(extensions)})" for name, extensions in FORMAT_EXTENSIONS.items()
+)  # "PNG (.png), JPEG (.jpg, .jpeg), WebP (.webp)": what messages about formats say
+# Extensions of image formats loraflow does not read: where an image would be used, such a file is an
+# UNSUPPORTED_FORMAT error, never silently left out (a photo library export must not lose half its images).
+# JPEG and PNG under other names (.jfif, .jpe, .apng) are here too: rename them to be read.
+UNSUPPORTED_IMAGE_EXTENSIONS = frozenset(
+    {
+        *(".apng", ".avif", ".avifs", ".bmp", ".dib", ".gif", ".heic", ".heics", ".heif", ".hif", ".ico"),
+        *(".j2k", ".jp2", ".jpe", ".jfif", ".jpf", ".jpx", ".jxl", ".jxr", ".wdp", ".hdp", ".pbm", ".pgm"),
+        *(".pnm", ".ppm", ".pcx", ".psd", ".qoi", ".svg", ".tga", ".tif", ".tiff", ".exr", ".hdr", ".dds"),
+        # camera raw
+        *(".arw", ".cr2", ".cr3", ".crw", ".dng", ".nef", ".nrw", ".orf", ".raf", ".rw2", ".pef", ".srw"),
+    }
+)
 # Order is precedence: when an image has both, the ``.txt`` caption is used.
 CAPTION_EXTENSIONS = (".txt", ".caption")
 CONFIG_EXTENSION = ".toml"
@@ -40,6 +63,7 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 class FileKind(StrEnum):
     CONFIG = "config"
     IMAGE = "image"
+    UNSUPPORTED_IMAGE = "unsupported_image"  # an image loraflow does not read, where an image would be used
     CAPTION = "caption"
     METADATA = "metadata"  # a subset folder's metadata.jsonl
     UNEXPECTED = "unexpected"
@@ -133,6 +157,11 @@ def _unsafe_reason(rel_path: str) -> str | None:
     return None
 
 
+def is_unsupported_image(rel_path: str) -> bool:
+    """Whether the name's extension is that of an image format loraflow does not read."""
+    return extension_of(rel_path) in UNSUPPORTED_IMAGE_EXTENSIONS
+
+
 def is_junk_segment(segment: str) -> bool:
     """Hidden files/folders (``.DS_Store``, ``.git``) and macOS zip residue."""
     return segment.startswith(".") or segment in _JUNK_FOLDERS
@@ -163,6 +192,8 @@ def classify(rel_path: str) -> FileKind:
         return FileKind.METADATA
     if extension in IMAGE_EXTENSIONS:
         return FileKind.IMAGE
+    if extension in UNSUPPORTED_IMAGE_EXTENSIONS:
+        return FileKind.UNSUPPORTED_IMAGE
     if extension in CAPTION_EXTENSIONS:
         return FileKind.CAPTION
     return FileKind.UNEXPECTED
@@ -204,6 +235,7 @@ class SubsetFiles(BaseModel):
     folder: str  # from the dataset root: "60_dwjz", "reg/1_dog"
     is_reg: bool = False
     images: list[str] = Field(default_factory=list)
+    unsupported_images: list[str] = Field(default_factory=list)  # UNSUPPORTED_IMAGE_EXTENSIONS files
     metadata_file: str | None = None  # "<folder>/metadata.jsonl": its captions win over caption files
     captions: dict[str, str] = Field(default_factory=dict)  # image path -> caption file used
     orphan_captions: list[str] = Field(default_factory=list)  # no image with the same stem
@@ -233,6 +265,11 @@ class DatasetFiles(BaseModel):
     def images(self) -> list[str]:
         """Every image directly inside a top-level folder, sorted."""
         return sorted(image for files in self.folders.values() for image in files.images)
+
+    @property
+    def unsupported_images(self) -> list[str]:
+        """Every file in an image's place whose extension names a format loraflow does not read, sorted."""
+        return sorted(path for files in self.folders.values() for path in files.unsupported_images)
 
     @property
     def used_captions(self) -> list[str]:
@@ -280,6 +317,8 @@ def group_files(rel_paths: Iterable[str]) -> DatasetFiles:
             result.config_files.append(rel_path)
         elif kind is FileKind.IMAGE and folder is not None:
             result.folders[folder].images.append(rel_path)
+        elif kind is FileKind.UNSUPPORTED_IMAGE and folder is not None:
+            result.folders[folder].unsupported_images.append(rel_path)
         elif kind is FileKind.CAPTION and folder is not None:
             captions_by_folder.setdefault(folder, []).append(rel_path)
         elif kind is FileKind.METADATA and folder is not None:

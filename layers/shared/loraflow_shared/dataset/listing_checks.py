@@ -11,10 +11,12 @@ from loraflow_shared.dataset.layout import (
     METADATA_FILE,
     REG_FOLDER,
     REG_FOLDER_FORM,
+    SUPPORTED_FORMATS,
     DatasetFiles,
     Subset,
     extension_of,
     is_junk_segment,
+    is_unsupported_image,
     parse_subset_folder,
     subset_folder_of,
 )
@@ -72,7 +74,7 @@ def _unexpected_reason(rel_path: str) -> str:
     folder = subset_folder_of(rel_path)
     if any(is_junk_segment(segment) for segment in segments):
         return "hidden or system file, ignored"
-    if len(segments) == 1 and extension_of(rel_path) in IMAGE_EXTENSIONS:
+    if len(segments) == 1 and (extension_of(rel_path) in IMAGE_EXTENSIONS or is_unsupported_image(rel_path)):
         return f"images at the dataset root are not used: put them in a folder named {FOLDER_FORM}"
     if folder is None:  # directly inside reg/
         return f"files directly in {REG_FOLDER}/ are not used: put class images in {REG_FOLDER_FORM}"
@@ -81,6 +83,17 @@ def _unexpected_reason(rel_path: str) -> str:
     if segments[-1].startswith("metadata."):
         return f"only {METADATA_FILE} (JSON lines with file_name and text) is read for captions, ignored"
     return "not an image, caption or config file, ignored"
+
+
+def report_unsupported_images(files: DatasetFiles, findings: Findings) -> None:
+    """An image in a format loraflow does not read is an error wherever an image would be trained on."""
+    for rel_path in files.unsupported_images:
+        extension = extension_of(rel_path)
+        message = (
+            f"{extension} images are not read by loraflow; supported formats are {SUPPORTED_FORMATS}: "
+            "convert the image (or rename it if it already is one of those)"
+        )
+        findings.add(ErrorCode.UNSUPPORTED_FORMAT, rel_path, message)
 
 
 def check_folders(files: DatasetFiles, limits: ValidationLimits, findings: Findings) -> list[Subset]:
@@ -98,7 +111,7 @@ def check_folders(files: DatasetFiles, limits: ValidationLimits, findings: Findi
         except LoraflowError as exc:
             findings.problems.extend(problems_of(exc))
         if not folder_files.images:
-            findings.add(ErrorCode.TOO_FEW_IMAGES, folder, "folder has no images (.png, .jpg, .jpeg, .webp)")
+            findings.add(ErrorCode.TOO_FEW_IMAGES, folder, f"folder has no images in {SUPPORTED_FORMATS}")
     return subsets
 
 

@@ -17,13 +17,13 @@ from pydantic import BaseModel
 from loraflow_shared.dataset.captions import decode_caption, parse_metadata
 from loraflow_shared.dataset.config import ParsedConfig, TrainingConfig, config_warnings, parse_config
 from loraflow_shared.dataset.images import (
-    FORMAT_EXTENSIONS,
     HEAD_BYTES,
     TAIL_BYTES,
     NeedMoreBytes,
     inspect_image,
 )
 from loraflow_shared.dataset.layout import (
+    FORMAT_EXTENSIONS,
     DatasetFiles,
     Subset,
     SubsetFiles,
@@ -40,8 +40,10 @@ from loraflow_shared.dataset.listing_checks import (
     check_folders,
     report_duplicates,
     report_unexpected,
+    report_unsupported_images,
 )
 from loraflow_shared.dataset.objects import ObjectInfo, ObjectReader
+from loraflow_shared.dataset.preview_budget import preview_budget_problem
 from loraflow_shared.errors import ErrorCode, LoraflowError, Problem, problems_of
 
 __all__ = [
@@ -119,6 +121,7 @@ def validate_dataset(
     index = _index_objects(dataset, objects, findings)
     files = group_files(index)
     report_unexpected(files, findings)
+    report_unsupported_images(files, findings)
     subsets = check_folders(files, limits, findings)
     inspect_images = check_counts(files, limits, findings)
     config_file = _pick_config_file(files, index, limits, findings)
@@ -141,6 +144,8 @@ def validate_dataset(
         for problems in pool.map(lambda job: job(), jobs):
             findings.problems.extend(problems)
     report_duplicates(files, index, findings)
+    if parsed and config_file is not None:
+        findings.problems.extend(_check_previews(parsed[0].config, subsets, config_file))
 
     return ValidationReport(
         dataset=dataset,
@@ -203,6 +208,12 @@ def _check_config(
         return problems_of(exc)
     parsed_out.append(parsed)
     return config_warnings(parsed, config_file)
+
+
+def _check_previews(config: TrainingConfig, subsets: Sequence[Subset], config_file: str) -> list[Problem]:
+    """The job's previews must render within one endpoint invocation (``preview_budget``)."""
+    problem = preview_budget_problem(config, subsets, config_file)
+    return [problem] if problem else []
 
 
 def _check_caption(
