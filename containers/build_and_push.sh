@@ -58,13 +58,29 @@ ensure_repository() {
          --image-scanning-configuration scanOnPush=true >/dev/null
 }
 
+# SageMaker pulls only Docker v2 manifests: an OCI index or manifest fails CreateModel/CreateTrainingJob
+# with "Unsupported manifest media type" (aws/amazon-sagemaker-feedback#180, moby/buildkit#5480).
+# Current Docker pushes OCI ones: BuildKit's default provenance attestation wraps the image in an OCI
+# index, and the containerd image store keeps OCI manifests that `docker push` sends as they are.
+# So BuildKit pushes the image itself, without attestations, with Docker media types.
+DOCKER_MANIFEST_TYPE="application/vnd.docker.distribution.manifest.v2+json"
+
 build_and_push() {
   local component="$1" repository="$2"
   local image="${registry}/${repository}:${tag}"
   # Context is the repository root: the images copy layers/shared and containers/common.
   # SageMaker instances are x86_64, whatever this machine is.
-  docker build --platform linux/amd64 -f "containers/${component}/Dockerfile" -t "$image" .
-  docker push "$image"
+  docker buildx build --platform linux/amd64 --provenance=false --sbom=false \
+    --output "type=image,name=${image},push=true,oci-mediatypes=false" \
+    -f "containers/${component}/Dockerfile" .
+  # Check what ECR received, so a Docker that ignores the flags fails here and not at deploy time.
+  local media_type
+  media_type="$(aws ecr describe-images --region "$region" --repository-name "$repository" \
+    --image-ids "imageTag=${tag}" --query 'imageDetails[0].imageManifestMediaType' --output text)"
+  if [[ "$media_type" != "$DOCKER_MANIFEST_TYPE" ]]; then
+    echo "error: ${image} was pushed as '${media_type}'; SageMaker needs ${DOCKER_MANIFEST_TYPE}" >&2
+    exit 1
+  fi
 }
 
 ensure_repository "$training_repository"

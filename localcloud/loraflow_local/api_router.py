@@ -63,7 +63,9 @@ class Route:
 
 def build_routes(swagger: Mapping[str, Any], function_names_by_arn: Mapping[str, str]) -> list[Route]:
     """Routes from a resolved swagger body, literal paths first (API Gateway prefers the most specific)."""
-    definitions = swagger.get("securityDefinitions") or {}
+    # Swagger 2.0 names its key schemes in securityDefinitions, OpenAPI 3 in components.securitySchemes.
+    components = swagger.get("components") or {}
+    definitions = swagger.get("securityDefinitions") or components.get("securitySchemes") or {}
     key_schemes = {name for name, scheme in definitions.items() if scheme.get("type") == "apiKey"}
     routes = []
     for path, operations in (swagger.get("paths") or {}).items():
@@ -123,6 +125,10 @@ class RestApiRouter:
     def url(self) -> str:
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}/{self.stage}"
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
 
     def start(self) -> None:
         self._thread.start()

@@ -1,6 +1,7 @@
 """The `loraflow` command.
 
-loraflow local up --state-dir DIR [--aws-port N] [--api-port N] [--settle-seconds S] [--parameter K=V ...]
+loraflow local up --state-dir DIR [--fresh] [--aws-port N] [--api-port N] [--settle-seconds S]
+                  [--save-interval S] [--parameter K=V ...]
 loraflow validate PATH          # a dataset folder on disk, with the same rules as an upload
 loraflow demo [--output DIR]    # the whole pipeline on a generated dataset
 """
@@ -14,8 +15,13 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loraflow_local.intrinsics import TemplateError
+from loraflow_local.persistence import DEFAULT_SAVE_INTERVAL_S, PortInUseError
+
+if TYPE_CHECKING:
+    from loraflow_local.cloud import LocalCloud
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,9 +45,30 @@ def _parser() -> argparse.ArgumentParser:
     local = commands.add_parser("local", help="the embedded local cloud")
     local_commands = local.add_subparsers(dest="action", required=True)
     up = local_commands.add_parser("up", help="run template.yaml locally until Ctrl-C")
-    up.add_argument("--state-dir", required=True, help="where endpoints.json, logs and job folders go")
-    up.add_argument("--aws-port", type=int, default=0, help="moto's port (default: a free one)")
-    up.add_argument("--api-port", type=int, default=0, help="the REST API's port (default: a free one)")
+    up.add_argument(
+        "--state-dir",
+        required=True,
+        help="where the saved state, endpoints.json, logs and job folders go; a restart here keeps the state",
+    )
+    up.add_argument(
+        "--fresh", action="store_true", help="discard the state saved in --state-dir, start empty"
+    )
+    up.add_argument(
+        "--aws-port", type=int, default=0, help="moto's port (default: the last run's if free, else any)"
+    )
+    up.add_argument(
+        "--api-port",
+        type=int,
+        default=0,
+        help="the REST API's port (default: the last run's if free, else any)",
+    )
+    up.add_argument(
+        "--save-interval",
+        type=float,
+        default=DEFAULT_SAVE_INTERVAL_S,
+        metavar="SECONDS",
+        help="save the state this often while running, as well as on stop (0: only on stop)",
+    )
     up.add_argument("--settle-seconds", type=int, help="override the SettleSeconds parameter (default 3)")
     up.add_argument(
         "--parameter",
@@ -57,12 +84,16 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("path", help="the dataset folder, e.g. ./mydata/0001-dataset")
     demo = commands.add_parser("demo", help="run the whole pipeline on a generated sample dataset")
     demo.add_argument("--output", default="demo-output", help="where the LoRA, previews and job JSON go")
-    demo.add_argument("--state-dir", help="keep the local cloud's state here (default: a temporary folder)")
+    demo.add_argument(
+        "--state-dir",
+        help="keep the local cloud's files here (each demo starts empty; default: a temporary folder)",
+    )
     return parser
 
 
 def _local_up(args: argparse.Namespace) -> int:
-    from loraflow_local.cloud import LocalCloud  # imported late: moto and the template stack are slow to load
+    # Imported late: moto and the template stack are slow to load.
+    from loraflow_local.cloud import LocalCloud
 
     overrides = dict(_key_value(item) for item in args.parameter)
     if args.settle_seconds is not None:
@@ -72,27 +103,46 @@ def _local_up(args: argparse.Namespace) -> int:
         aws_port=args.aws_port,
         api_port=args.api_port,
         parameter_overrides=overrides,
+        fresh=args.fresh,
+        save_interval_s=args.save_interval,
         **({"template_path": args.template} if args.template else {}),
     )
+    stop = threading.Event()
+    # Installed before the start: a SIGTERM sent once endpoints.json appears still stops cleanly (and saves).
+    previous = {
+        signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        return _serve(cloud, stop, Path(args.state_dir) / "endpoints.json")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _serve(cloud: LocalCloud, stop: threading.Event, location: Path) -> int:
     try:
         endpoints = cloud.start()
     except TemplateError as error:
         print(f"loraflow: the template cannot run locally: {error}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    previous = {
-        signum: signal.signal(signum, lambda *_: stop.set()) for signum in (signal.SIGINT, signal.SIGTERM)
-    }
+    except PortInUseError as error:
+        print(f"loraflow: {error}", file=sys.stderr)
+        return 2
     try:
         # stdout is the functions' log stream (CloudWatch's role); the summary goes to stderr.
         summary = "\n".join(f"  {key}: {value}" for key, value in endpoints.items())
-        location = Path(args.state_dir) / "endpoints.json"
-        print(f"local cloud running (Ctrl-C stops it); {location}:\n{summary}", file=sys.stderr, flush=True)
+        restored = (
+            f"restored the state saved at {cloud.restored.saved_at}; " if cloud.restored.restored else ""
+        )
+        print(
+            f"local cloud running ({restored}Ctrl-C saves the state and stops it); {location}:\n{summary}",
+            file=sys.stderr,
+            flush=True,
+        )
         stop.wait()
+        print("stopping: interrupting training jobs, saving the state...", file=sys.stderr, flush=True)
     finally:
         cloud.stop()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     return 0
 
 

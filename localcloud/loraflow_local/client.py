@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from loraflow_shared.jobs.model import TERMINAL_STATUSES as _TERMINAL
 
-TERMINAL_STATUSES = frozenset({"REJECTED", "COMPLETED", "FAILED"})
+TERMINAL_STATUSES = frozenset(status.value for status in _TERMINAL)
 
 
 class StackClient:
@@ -70,8 +71,17 @@ class StackClient:
 
     def api_get(self, path: str, api_key: str | None = None) -> tuple[int, dict[str, Any]]:
         """GET `path` on the API with the stack's key (or the given one); return (status, JSON body)."""
+        return self._api("GET", path, api_key)
+
+    def api_post(self, path: str, api_key: str | None = None) -> tuple[int, dict[str, Any]]:
+        """POST (no body) to `path`, e.g. `/jobs/<id>/cancel`; return (status, JSON body)."""
+        return self._api("POST", path, api_key)
+
+    def _api(self, method: str, path: str, api_key: str | None) -> tuple[int, dict[str, Any]]:
         key = self.endpoints["api_key"] if api_key is None else api_key
-        request = urllib.request.Request(f"{self.endpoints['api_url']}{path}", headers={"x-api-key": key})
+        request = urllib.request.Request(
+            f"{self.endpoints['api_url']}{path}", headers={"x-api-key": key}, method=method
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 return response.status, json.loads(response.read())

@@ -3,11 +3,14 @@
     with LocalCloud(state_dir) as cloud:
         cloud.endpoints["aws_endpoint_url"], cloud.endpoints["api_url"], ...
 
-One local cloud per process: moto's backends and the patches are process-wide.
+One local cloud per process: moto's backends and the patches are process-wide. Its state (S3 objects,
+DynamoDB items, users' queues, topics and subscriptions, the API key, the ports) is saved under
+`<state_dir>/saved/` (`persistence`) and restored when a cloud starts again on the same folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +21,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import boto3
+from botocore.exceptions import BotoCoreError, ClientError
+from loraflow_shared.jobs.control import JobControl
+from loraflow_shared.jobs.control_aws import build_control
+from loraflow_shared.jobs.repository import JobRepository
+from loraflow_shared.notifications import Notifier
 from moto.core.models import DEFAULT_ACCOUNT_ID
 from moto.server import ThreadedMotoServer
 
@@ -26,8 +35,20 @@ from loraflow_local.api_router import RestApiRouter, build_routes
 from loraflow_local.base_model import ensure_tiny_model, tiny_model_uri, upload_folder
 from loraflow_local.intrinsics import Deployed, Resolver, TemplateError
 from loraflow_local.lambda_runtime import ModuleSandbox
+from loraflow_local.persistence import (
+    DEFAULT_SAVE_INTERVAL_S,
+    CloudSettings,
+    PeriodicSaver,
+    RestoreReport,
+    ServiceSnapshot,
+    StateStore,
+    port_to_use,
+    service_snapshots,
+)
 from loraflow_local.provision import provision
 from loraflow_local.provision_context import ProvisionContext, bucket_name
+from loraflow_local.reconcile import requeue_uploads
+from loraflow_local.resume import resume_interrupted_jobs
 from loraflow_local.sagemaker_async import DEFAULT_SERVE_COMMAND
 from loraflow_local.sagemaker_training import DEFAULT_COMMAND
 from loraflow_local.services import LocalServices
@@ -62,6 +83,8 @@ class LocalCloud:
         stack_name: str = "loraflow",
         training_command: Sequence[str] = DEFAULT_COMMAND,
         serve_command: Sequence[str] = DEFAULT_SERVE_COMMAND,
+        fresh: bool = False,
+        save_interval_s: float = DEFAULT_SAVE_INTERVAL_S,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.aws_port = aws_port
@@ -72,6 +95,9 @@ class LocalCloud:
         self.stack_name = stack_name
         self.training_command = list(training_command)
         self.serve_command = list(serve_command)
+        self.fresh = fresh  # discard the saved state instead of restoring it
+        self.save_interval_s = save_interval_s  # 0: save only on stop
+        self.restored = RestoreReport(restored=False)
         self.endpoints: dict[str, Any] = {}
         self.deployed: dict[str, Deployed] = {}
         self.context: ProvisionContext | None = None
@@ -81,6 +107,10 @@ class LocalCloud:
         self._saved_env: dict[str, str | None] = {}
         self._services: LocalServices | None = None
         self._modules: ModuleSandbox | None = None
+        self._store = StateStore(self.state_dir / "saved")
+        self._snapshots: list[ServiceSnapshot] = []
+        self._saver: PeriodicSaver | None = None
+        self._restore_done = False  # only then may a save replace what is saved
         self._started = False
 
     def __enter__(self) -> LocalCloud:
@@ -105,8 +135,13 @@ class LocalCloud:
 
     def _start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._endpoints_file.unlink(missing_ok=True)  # a crashed cloud's: written again once this one serves
         self.deployed.clear()
-        url = self._start_moto()
+        if self.fresh:
+            self._store.discard()
+        self._store.load()
+        saved = self._store.cloud_settings()
+        url = self._start_moto(port_to_use(self.aws_port, saved.aws_port, "--aws-port"))
         services = LocalServices(
             state_dir=self.state_dir,
             region=self.region,
@@ -118,7 +153,8 @@ class LocalCloud:
         moto_patches.apply(services)
         local_defaults = self._local_defaults()
         stack = load_template(self.template_path, self.region, self.parameter_overrides, local_defaults)
-        self.context = ctx = self._provision(stack, services)
+        self.context = ctx = self._provision(stack, services, saved.api_keys)
+        self._restore(ctx)
         # Before anything can invoke a function: its modules must be this cloud's own.
         self._modules = ModuleSandbox(services.lambdas.code_paths())
         self._modules.enter()
@@ -128,14 +164,73 @@ class LocalCloud:
         self._pollers = [SqsPoller(mapping, services.lambdas, self.region) for mapping in ctx.sqs_mappings]
         for poller in self._pollers:
             poller.start()
-        self._start_routers(ctx)
+        self._start_routers(ctx, port_to_use(self.api_port, saved.api_port, "--api-port"))
         self.endpoints = self._endpoints(url)
-        endpoints_file = self.state_dir / "endpoints.json"
-        endpoints_file.write_text(json.dumps(self.endpoints, indent=2) + "\n", encoding="utf-8")
+        self._endpoints_file.write_text(json.dumps(self.endpoints, indent=2) + "\n", encoding="utf-8")
+        self._saver = PeriodicSaver(self.save_state, self.save_interval_s)
+        self._saver.start()
+        self.resume_after_restart(self.restored)
 
-    def _start_moto(self) -> str:
+    @property
+    def _endpoints_file(self) -> Path:
+        return self.state_dir / "endpoints.json"
+
+    def _restore(self, ctx: ProvisionContext) -> None:
+        """Recreate the saved state on top of what the template provisioned (S3 before SNS: queues exist)."""
+        self._snapshots = service_snapshots(ctx.client, self._store.blob_dir, self.region)
+        self.restored = self._store.restore(self._snapshots)
+        self._restore_done = True
+        if self.restored.restored:
+            LOG.info("restored the state saved at %s: %s", self.restored.saved_at, dict(self.restored.counts))
+
+    def resume_after_restart(self, restored: RestoreReport) -> None:
+        """Pick up the work the last stop interrupted; called once per start, after the saved state is
+        restored and everything runs (functions, SQS pollers, the API), before `start` returns.
+
+        Available here: `restored` (what was restored), `self.context` (boto3 clients bound to this cloud,
+        the provisioned resources), `self.deployed` (physical names by logical id), `self.endpoints`.
+        Upload events that were still waiting in SQS are re-sent (`reconcile`), and jobs caught mid-way
+        carry on from their checkpoints (`resume`).
+        """
+        if not restored.restored or self.context is None:
+            return
+        requeue_uploads(self.context.client("s3"), self.context.client("sqs"), self.region)
+        resume_interrupted_jobs(*self._job_control())
+
+    def _job_control(self) -> tuple[JobRepository, JobControl]:
+        """Job control over this cloud's stack, as the functions build it (the stack's own names)."""
+        assert self.context is not None
+        ctx = self.context
+        ref = {logical_id: deployed.ref for logical_id, deployed in self.deployed.items()}
+        repository = JobRepository(
+            boto3.resource("dynamodb", region_name=self.region).Table(ref["JobsTable"])
+        )
+        notifier = Notifier(ctx.client("sns"), ref["NotificationTopic"])
+        clients = {name: ctx.client(name) for name in ("stepfunctions", "sagemaker", "s3", "sqs")}
+        control = build_control(
+            repository,
+            notifier,
+            clients,
+            ref["TrainingPipeline"],
+            ref["ArtifactsBucket"],
+            ref["UploadEventsQueue"],
+        )
+        return repository, control
+
+    def save_state(self) -> None:
+        """Save S3, DynamoDB, users' SQS/SNS resources, the ports and the API key under `<state>/saved/`."""
+        if not self._restore_done or self.context is None:
+            return  # a cloud that failed to restore must not overwrite what is saved
+        cloud = CloudSettings(
+            aws_port=self._server.get_host_and_port()[1] if self._server is not None else None,
+            api_port=self._routers[0].port if self._routers else self._store.cloud_settings().api_port,
+            api_keys=dict(self.context.api_key_values),
+        )
+        self._store.save(cloud, self._snapshots)
+
+    def _start_moto(self, port: int) -> str:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.aws_port, verbose=False)
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         self._server.start()
         host, port = self._server.get_host_and_port()
         url = f"http://{host}:{port}"
@@ -171,7 +266,9 @@ class LocalCloud:
             "DefaultBaseModel": tiny_model_uri(bucket_name(self.stack_name, "ArtifactsBucket")),
         }
 
-    def _provision(self, stack: StackTemplate, services: LocalServices) -> ProvisionContext:
+    def _provision(
+        self, stack: StackTemplate, services: LocalServices, api_key_values: Mapping[str, str]
+    ) -> ProvisionContext:
         stack_id = f"arn:aws:cloudformation:{self.region}:{DEFAULT_ACCOUNT_ID}:stack/{self.stack_name}/0"
         pseudo = {
             "AWS::Region": self.region,
@@ -184,10 +281,11 @@ class LocalCloud:
         }
         resolver = Resolver(stack.parameters, pseudo, self.deployed, stack.conditions, stack.mappings)
         ctx = ProvisionContext(stack, resolver, services, self.stack_name, self.region, DEFAULT_ACCOUNT_ID)
+        ctx.api_key_values.update(api_key_values)
         provision(ctx, self.deployed)
         return ctx
 
-    def _start_routers(self, ctx: ProvisionContext) -> None:
+    def _start_routers(self, ctx: ProvisionContext, first_port: int) -> None:
         names_by_arn = {ctx.services.lambdas.spec(name).arn: name for name in ctx.services.lambdas.names()}
         for index, record in enumerate(ctx.rest_apis.values()):
             if record.stage is None:
@@ -199,7 +297,7 @@ class LocalCloud:
                 build_routes(record.body, names_by_arn),
                 keys,
                 ctx.services.lambdas,
-                port=self.api_port if index == 0 else 0,
+                port=first_port if index == 0 else 0,
             )
             router.start()
             self._routers.append(router)
@@ -225,18 +323,22 @@ class LocalCloud:
         }
 
     def stop(self) -> None:
-        """Stop pollers, the API, training and inference processes, then moto; idempotent."""
+        """Stop taking work, interrupt training (checkpoints synced), save the state, then stop moto;
+        idempotent. endpoints.json is removed: nothing answers there any more."""
         if not self._started:
             return
+        if self._saver is not None:
+            self._saver.stop()
+        for poller in self._pollers:
+            poller.request_stop()  # all at once: each may be in a 1 s long poll
         for poller in self._pollers:
             poller.stop()
         for router in self._routers:
             router.stop()
-        if self._services is not None:
-            self._services.stop()
+        self._stop_work()
+        self._save_on_stop()
         moto_patches.release()
-        if self._server is not None:
-            self._server.stop()
+        self._stop_moto()
         if self._modules is not None:
             self._modules.exit()
         for key, value in self._saved_env.items():
@@ -244,9 +346,50 @@ class LocalCloud:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        self._endpoints_file.unlink(missing_ok=True)
         self._pollers, self._routers, self._server, self._services, self._modules = [], [], None, None, None
-        self._started = False
+        self._saver, self._restore_done, self._started = None, False, False
         _running.release()
+
+    def _stop_work(self) -> None:
+        """Training runs are interrupted (as by a spot interruption: they checkpoint, S3 gets it), then the
+        running executions are aborted, so no interpreter thread outlives this cloud (and reaches the next
+        one on the same port). The jobs keep their state in the table for the next start."""
+        if self._services is None:
+            return
+        self._services.interrupt_trainings()
+        if self.context is not None:
+            with contextlib.suppress(BotoCoreError, ClientError):  # moto may be what failed to start
+                _abort_executions(self.context.client("stepfunctions"))
+        self._services.stop()
+
+    def _save_on_stop(self) -> None:
+        try:
+            self.save_state()
+        except Exception:  # stopping goes on; the last periodic save is what the next start finds
+            LOG.exception("could not save the local cloud's state in %s", self._store.folder)
+
+    def _stop_moto(self) -> None:
+        if self._server is None:
+            return
+        self._server.stop()
+        listening = getattr(self._server, "_server", None)  # moto's stop leaves the socket open
+        if listening is not None:
+            listening.server_close()
+
+
+def _abort_executions(stepfunctions: Any) -> None:
+    for page in stepfunctions.get_paginator("list_state_machines").paginate():
+        for machine in page["stateMachines"]:
+            running = stepfunctions.get_paginator("list_executions").paginate(
+                stateMachineArn=machine["stateMachineArn"], statusFilter="RUNNING"
+            )
+            for execution in (item for listed in running for item in listed["executions"]):
+                stepfunctions.stop_execution(
+                    executionArn=execution["executionArn"],
+                    error="LocalCloudStopped",
+                    cause="the local cloud stopped",
+                )
 
 
 def _post_json(url: str, body: Mapping[str, Any]) -> None:

@@ -23,7 +23,8 @@ def run_demo(output: Path, state_dir: Path | None = None) -> int:
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="loraflow-demo-"))
     try:
-        with LocalCloud(state_dir or work / "state") as cloud:
+        # Fresh: a state folder kept from an earlier demo would hold the sample dataset's job already.
+        with LocalCloud(state_dir or work / "state", fresh=True) as cloud:
             up_seconds = time.monotonic() - started
             print(f"local cloud up in {up_seconds:.1f}s: {cloud.endpoints['aws_endpoint_url']}")
             client = StackClient(cloud.endpoints)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -17,11 +18,14 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from loraflow_local.cloud_logs import LogShipper, lambda_destination
+from loraflow_local.log_capture import LineSink, captured
 
 LOG = logging.getLogger(__name__)
 
@@ -56,25 +60,38 @@ class LambdaContext:
 
     function_version = "$LATEST"
 
-    def __init__(self, spec: FunctionSpec) -> None:
+    def __init__(self, spec: FunctionSpec, log_stream_name: str | None = None) -> None:
         self.function_name = spec.name
         self.invoked_function_arn = spec.arn
         self.memory_limit_in_mb = spec.memory_mb
         self.aws_request_id = str(uuid.uuid4())
         self.log_group_name = f"/aws/lambda/{spec.name}"
-        self.log_stream_name = f"{time.strftime('%Y/%m/%d')}/[$LATEST]{uuid.uuid4().hex}"
+        self.log_stream_name = log_stream_name or new_log_stream_name()
         self._deadline = time.monotonic() + spec.timeout_s
 
     def get_remaining_time_in_millis(self) -> int:
         return max(0, int((self._deadline - time.monotonic()) * 1000))
 
 
-class LambdaRegistry:
-    """Deployed functions by name; `invoke` runs one in the calling thread."""
+def new_log_stream_name() -> str:
+    """Lambda's stream name for a new execution environment: `YYYY/MM/DD/[$LATEST]<32 hex>` (UTC date)."""
+    return f"{time.strftime('%Y/%m/%d', time.gmtime())}/[$LATEST]{uuid.uuid4().hex}"
 
-    def __init__(self) -> None:
+
+class LambdaRegistry:
+    """Deployed functions by name; `invoke` runs one in the calling thread.
+
+    With `logs` attached, each invocation's stdout/stderr (Powertools' JSON lines, prints) and Lambda's
+    START/END/REPORT lines go to `/aws/lambda/<name>` (one stream per function, as one warm environment
+    has) and to `<log_dir>/<name>.log`.
+    """
+
+    def __init__(self, logs: LogShipper | None = None, log_dir: Path | None = None) -> None:
         self._specs: dict[str, FunctionSpec] = {}
         self._handlers: dict[str, Handler] = {}
+        self._streams: dict[str, str] = {}
+        self._logs = logs
+        self._log_dir = log_dir
 
     def register(self, spec: FunctionSpec) -> None:
         self._specs[spec.name] = spec
@@ -93,28 +110,55 @@ class LambdaRegistry:
 
     def invoke(self, name: str, event: Any) -> InvocationResult:
         spec = self.spec(name)
+        context = LambdaContext(spec, self._streams.setdefault(name, new_log_stream_name()))
+        emit = self._log_emitter(spec, context.log_stream_name)
+        request_id = context.aws_request_id
+        emit(f"START RequestId: {request_id} Version: $LATEST")
         started = time.monotonic()
-        try:
-            result = self._call(spec, event)
-            payload, errored = json.dumps(result), False
-        except Exception as exc:  # a handler error is the function's result, as on Lambda
-            LOG.warning("function %s raised %s: %s", name, type(exc).__name__, exc)
-            payload, errored = json.dumps(error_payload(exc)), True
+        with captured(LineSink(emit)) if self._logs is not None else nullcontext():
+            try:
+                result = self._call(spec, event, context)
+                payload, errored = json.dumps(result), False
+            except Exception as exc:  # a handler error is the function's result, as on Lambda
+                LOG.warning("function %s raised %s: %s", name, type(exc).__name__, exc)
+                payload, errored = json.dumps(error_payload(exc)), True
+                emit(_error_log_line(exc))
         elapsed = time.monotonic() - started
+        emit(f"END RequestId: {request_id}")
+        emit(_report_line(request_id, elapsed, spec.memory_mb))
         if elapsed > spec.timeout_s:
             # Not enforced: killing a thread is unsafe; a Lambda this slow would time out on AWS.
             LOG.warning("function %s ran %.1f s, over its %d s Timeout", name, elapsed, spec.timeout_s)
         return InvocationResult(payload=payload, errored=errored)
 
-    def _call(self, spec: FunctionSpec, event: Any) -> Any:
+    def _log_emitter(self, spec: FunctionSpec, stream: str) -> Callable[[str], None]:
+        if self._logs is None:
+            return lambda line: None
+        return self._logs.line_writer(lambda_destination(spec.name, stream, self._log_dir))
+
+    def _call(self, spec: FunctionSpec, event: Any, context: LambdaContext) -> Any:
         handler = self._handlers.get(spec.name)
         if handler is not None:
-            return handler(event, LambdaContext(spec))
+            return handler(event, context)
         with _COLD_START_LOCK, _overlaid_environ(lambda_environment(spec)):
             handler = self._handlers.get(spec.name) or _import_handler(spec)
-            result = handler(event, LambdaContext(spec))
+            result = handler(event, context)
             self._handlers[spec.name] = handler
             return result
+
+
+def _error_log_line(exc: BaseException) -> str:
+    """What the Python runtime logs for an unhandled exception: one event, the traceback included."""
+    trace = "".join(traceback.format_exception(exc)).rstrip()
+    return f"[ERROR] {type(exc).__name__}: {exc}\n{trace}"
+
+
+def _report_line(request_id: str, elapsed_s: float, memory_mb: int) -> str:
+    duration_ms = elapsed_s * 1000
+    return (
+        f"REPORT RequestId: {request_id}\tDuration: {duration_ms:.2f} ms\t"
+        f"Billed Duration: {math.ceil(duration_ms)} ms\tMemory Size: {memory_mb} MB"
+    )
 
 
 def error_payload(exc: BaseException) -> dict[str, Any]:

@@ -7,11 +7,14 @@
 3. Step Functions gains the optimised SageMaker integration (`createTrainingJob[.sync]`) at the
    interpreter's service-factory seam.
 4. SageMaker CreateTrainingJob starts a local training run (moto marks jobs Completed at once and runs
-   nothing): InProgress, then Completed or Failed with the failure file as FailureReason.
+   nothing): InProgress, then Completed or Failed with the failure file as FailureReason; once it ends,
+   DescribeTrainingJob has TrainingStartTime/TrainingEndTime and TrainingTimeInSeconds/BillableTimeInSeconds.
 5. SageMaker Runtime InvokeEndpointAsync hands the request to the local async endpoint (moto returns
    canned locations and ignores the endpoint's AsyncInferenceConfig).
 6. SageMaker endpoint configs accept any `ml.*` instance type (moto's fixed list lacks g5/g6 GPUs;
    locally the type means nothing).
+7. Step Functions SendTaskFailure keeps its `cause`.
+8. SageMaker StopTrainingJob (moto answers HTTP 500): Stopping, SIGTERM to the local run, then Stopped.
 
 moto is pinned: the patched names are private and move between releases.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import threading
 import uuid
 from typing import Any, Final, cast
@@ -29,13 +33,14 @@ from moto.awslambda.models import LambdaFunction, lambda_backends
 from moto.core.common_types import TYPE_RESPONSE
 from moto.core.responses import EmptyResult
 from moto.core.utils import utcnow
-from moto.sagemaker.exceptions import ResourceInUseException, ValidationError
+from moto.sagemaker.exceptions import ResourceInUseException, ResourceNotFound, ValidationError
 from moto.sagemaker.models import (
     FakeEndpointConfig,
     FakeTrainingJob,
     SageMakerModelBackend,
     sagemaker_backends,
 )
+from moto.sagemaker.responses import SageMakerResponse
 from moto.sagemakerruntime.responses import SageMakerRuntimeResponse
 from moto.sns.models import Subscription
 from moto.stepfunctions.parser.asl.component.state.exec.state_task import state_task_factory
@@ -109,6 +114,7 @@ def _install() -> None:
     FakeEndpointConfig.validate_instance_type = _validate_instance_type  # type: ignore[method-assign]
     _originals["send_task_failure"] = StepFunctionResponse.send_task_failure
     StepFunctionResponse.send_task_failure = _send_task_failure  # type: ignore[method-assign]
+    SageMakerResponse.stop_training_job = _stop_training_job  # type: ignore[attr-defined]
 
 
 def _uninstall() -> None:
@@ -119,6 +125,7 @@ def _uninstall() -> None:
     SageMakerRuntimeResponse.invoke_endpoint_async = _originals["invoke_endpoint_async"]  # type: ignore[method-assign]
     FakeEndpointConfig.validate_instance_type = _originals["validate_instance_type"]  # type: ignore[method-assign]
     StepFunctionResponse.send_task_failure = _originals["send_task_failure"]  # type: ignore[method-assign]
+    del SageMakerResponse.stop_training_job  # type: ignore[attr-defined]
 
 
 # 1. Lambda ---------------------------------------------------------------------------------------------
@@ -230,8 +237,8 @@ def _create_training_job(self: SageMakerModelBackend, training_job_name: str, **
     create = _originals["create_training_job"]
     job: Any = create(self, training_job_name=training_job_name, **kwargs)
     spec = TrainingJobSpec.from_request(job.response_object)
+    job.training_start_time = job.training_end_time = None  # moto sets both to the creation time
     _record_status(job, TrainingStatus("InProgress", "Starting"))
-    job.training_end_time = None
     services.launch_training(spec, on_status=lambda status: _record_status(job, status))
     return job
 
@@ -251,8 +258,22 @@ def _record_status(job: Any, status: TrainingStatus) -> None:
     job.last_modified_time = now
     if status.failure_reason is not None:
         job.failure_reason = status.failure_reason
-    if status.status in ("Completed", "Failed", "Stopped"):
-        job.training_end_time = now
+    if status.secondary_status == "Downloading" and job.training_start_time is None:
+        job.training_start_time = now  # SageMaker: the instance is ready; billing starts here
+    if status.status in _ENDED:
+        _record_end(job, now)
+
+
+_ENDED: Final = frozenset({"Completed", "Failed", "Stopped"})
+
+
+def _record_end(job: Any, now: datetime.datetime) -> None:
+    """SageMaker bills TrainingStartTime to TrainingEndTime; managed spot bills less, but locally spot runs
+    as on demand, so BillableTimeInSeconds equals TrainingTimeInSeconds."""
+    job.training_end_time = now
+    started = job.training_start_time or now
+    seconds = max(0, math.ceil((now - started).total_seconds()))
+    job.training_time_in_seconds = job.billable_time_in_seconds = seconds
 
 
 # 5. SageMaker async inference ----------------------------------------------------------------------------
@@ -287,7 +308,7 @@ def _endpoint_async_config(backend: SageMakerModelBackend, endpoint_name: str) -
     variant = config["ProductionVariants"][0]
     model = backend.describe_model(variant["ModelName"]).response_object
     environment = (model.get("PrimaryContainer") or {}).get("Environment") or {}
-    return AsyncEndpointConfig.from_api(async_config, environment)
+    return AsyncEndpointConfig.from_api(async_config, environment, variant["VariantName"])
 
 
 # 6. Instance types -----------------------------------------------------------------------------------------
@@ -309,4 +330,27 @@ def _send_task_failure(self: StepFunctionResponse) -> Any:
     backend.send_task_failure(
         self._get_param("taskToken"), error=self._get_param("error"), cause=self._get_param("cause")
     )
+    return EmptyResult()
+
+
+# 8. StopTrainingJob -----------------------------------------------------------------------------------------
+
+
+def _stop_training_job(self: SageMakerResponse) -> Any:
+    """SageMaker: Stopping, SIGTERM to the algorithm, SIGKILL 120 s later (locally: the services' grace),
+    then Stopped. An unknown job is ResourceNotFound; one that has ended is a ValidationException."""
+    name = self._get_param("TrainingJobName")
+    job = self.sagemaker_backend.training_jobs.get(name)
+    if job is None:
+        arn = FakeTrainingJob.arn_formatter(name, self.current_account, self.region)
+        raise ResourceNotFound(f"Requested resource not found: {arn}")
+    if job.training_job_status == "Stopping":
+        return EmptyResult()  # a repeated request while it stops changes nothing
+    if job.training_job_status != "InProgress":
+        raise ValidationError(
+            f"The request was rejected because the training job is in status {job.training_job_status}."
+        )
+    _record_status(job, TrainingStatus("Stopping", "Stopping"))
+    if not _services().stop_training(name):  # no local run left (interrupted by a shutdown): ends now
+        _record_status(job, TrainingStatus("Stopped", "Stopped"))
     return EmptyResult()

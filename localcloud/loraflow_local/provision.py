@@ -50,7 +50,11 @@ SKIPPED_TYPES: dict[str, str] = {
     "AWS::IAM::Policy": "moto does not enforce IAM",
     "AWS::IAM::ManagedPolicy": "moto does not enforce IAM",
     "AWS::Lambda::Permission": "moto does not enforce resource policies; invocations are in-process",
+    "AWS::Lambda::EventInvokeConfig": (
+        "local asynchronous invocations (SNS) run once, in-process: no retries, no OnFailure destination"
+    ),
     "AWS::CloudWatch::Alarm": "no metrics are emitted locally",
+    "AWS::ApiGateway::Account": "API Gateway's account-wide logging role; the local router logs no access",
     "AWS::ApplicationAutoScaling::ScalableTarget": "the local endpoint is one process, started on demand",
     "AWS::ApplicationAutoScaling::ScalingPolicy": "the local endpoint is one process, started on demand",
 }

@@ -170,7 +170,8 @@ def record_deployment(ctx: ProvisionContext, logical_id: str, props: Mapping[str
 
 
 def create_api_key(ctx: ProvisionContext, logical_id: str, props: Mapping[str, Any]) -> Deployed:
-    value = props.get("Value") or secrets.token_urlsafe(30)
+    value = props.get("Value") or ctx.api_key_values.get(logical_id) or secrets.token_urlsafe(30)
+    ctx.api_key_values[logical_id] = value
     key = ctx.client("apigateway").create_api_key(
         name=props.get("Name") or ctx.physical_name(logical_id, 128),
         enabled=bool(props.get("Enabled", False)),

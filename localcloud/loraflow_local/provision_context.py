@@ -49,6 +49,8 @@ class ProvisionContext:
     sqs_mappings: list[SqsMapping] = field(default_factory=list)
     rest_apis: dict[str, RestApiRecord] = field(default_factory=dict)  # by API id
     api_keys: dict[str, str] = field(default_factory=dict)  # key id → value
+    # ApiKey logical id → value; preset with a restarted cloud's saved values, so clients keep working.
+    api_key_values: dict[str, str] = field(default_factory=dict)
     usage_plans: dict[str, set[str]] = field(default_factory=dict)  # plan id → API ids
     skipped: dict[str, str] = field(default_factory=dict)  # logical id → type
 

@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ from typing import Any
 
 import boto3
 
+from loraflow_local.cloud_logs import LogShipper, endpoint_destination
+from loraflow_local.local_process import end_process, start_process
+from loraflow_local.log_capture import FileTail
 from loraflow_local.s3_util import join_s3_uri, split_s3_uri
 
 LOG = logging.getLogger(__name__)
@@ -47,10 +51,11 @@ class AsyncEndpointConfig:
     error_topic: str | None = None
     max_concurrency: int = 1
     model_environment: Mapping[str, str] = field(default_factory=dict)
+    variant_name: str = "AllTraffic"  # the production variant: its instances' log streams are named after it
 
     @classmethod
     def from_api(
-        cls, async_config: Mapping[str, Any], model_environment: Mapping[str, str]
+        cls, async_config: Mapping[str, Any], model_environment: Mapping[str, str], variant_name: str
     ) -> AsyncEndpointConfig:
         output = async_config.get("OutputConfig") or {}
         notifications = output.get("NotificationConfig") or {}
@@ -62,6 +67,7 @@ class AsyncEndpointConfig:
             error_topic=notifications.get("ErrorTopic"),
             max_concurrency=int(client.get("MaxConcurrentInvocationsPerInstance", 1)),
             model_environment=dict(model_environment),
+            variant_name=variant_name,
         )
 
 
@@ -97,6 +103,7 @@ class AsyncEndpoint:
         container_env: Mapping[str, str],
         region: str,
         command: Sequence[str] = DEFAULT_SERVE_COMMAND,
+        logs: LogShipper | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -108,6 +115,9 @@ class AsyncEndpoint:
         self._start_lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
         self._port: int | None = None
+        self._logs = logs
+        self._tail: FileTail | None = None
+        self.instance_id = f"i-{uuid.uuid4().hex[:17]}"  # names the log stream, as an instance's id does
 
     @property
     def log_path(self) -> Path:
@@ -125,13 +135,10 @@ class AsyncEndpoint:
 
     def stop(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        if self._process is not None:
+            end_process(self._process, 10)
+        if self._tail is not None:
+            self._tail.stop()
 
     def _process_request(self, request: AsyncRequest, output: str, failure: str | None) -> None:
         try:
@@ -179,12 +186,20 @@ class AsyncEndpoint:
             self._port = _free_port()
             command = [*self._command, "--port", str(self._port), "--host", "127.0.0.1"]
             env = {**os.environ, **self._container_env, **dict(self.config.model_environment)}
+            self._start_log_tail()
             with self.log_path.open("ab") as log:
-                self._process = subprocess.Popen(
-                    command, cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT
-                )
+                self._process = start_process(command, self.workdir, env, log)
             _wait_for_ping(self._process, self._port, self.log_path)
             return self._port
+
+    def _start_log_tail(self) -> None:
+        """Ship the server's new log lines to `/aws/sagemaker/Endpoints/<name>`, `<variant>/<instance>`."""
+        if self._logs is None or self._tail is not None:
+            return
+        destination = endpoint_destination(self.name, self.config.variant_name, self.instance_id)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._tail = FileTail(self.log_path, self._logs.line_writer(destination), offset)
+        self._tail.start()
 
     def _report_failure(
         self,

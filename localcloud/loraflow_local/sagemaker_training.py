@@ -6,7 +6,8 @@ The process learns the paths from `SM_*` variables (`loraflow_diffusion`'s path 
 entrypoint runs unchanged in the container. On exit 0 `model/` is uploaded as
 `<S3OutputPath>/<job>/output/model.tar.gz`; otherwise the failure file becomes the `FailureReason`.
 With a `CheckpointConfig`, `checkpoints/` is restored from and mirrored to its `S3Uri` (`checkpoint_sync`).
-Managed spot is accepted and runs as on demand: a local job is never interrupted.
+Managed spot is accepted and runs as on demand; the local cloud shutting down interrupts a job as a spot
+interruption would (SIGTERM, the trainer checkpoints, a last sync), without ending it.
 """
 
 from __future__ import annotations
@@ -18,14 +19,19 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import boto3
 
 from loraflow_local.checkpoint_sync import CheckpointSync
+from loraflow_local.local_process import end_process, start_process
+from loraflow_local.log_capture import FileTail
 from loraflow_local.s3_util import download_prefix, join_s3_uri, split_s3_uri
 
 LOG = logging.getLogger(__name__)
@@ -35,6 +41,7 @@ FAILURE_REASON_LIMIT = 1024  # DescribeTrainingJob's FailureReason maximum lengt
 DEFAULT_MAX_RUNTIME_S = 86400  # SageMaker's default StoppingCondition
 CHECKPOINT_LOCAL_PATH = "/opt/ml/checkpoints"  # CheckpointConfig.LocalPath's default; `checkpoints/` here
 DEFAULT_CHECKPOINT_SYNC_S = 5.0
+DEFAULT_STOP_GRACE_S = 5.0  # SIGTERM to SIGKILL; SageMaker waits 120 s
 
 
 @dataclass(frozen=True)
@@ -84,8 +91,18 @@ class TrainingStatus:
 StatusListener = Callable[[TrainingStatus], None]
 
 
+class StopReason(Enum):
+    STOPPED = "Stopped"  # StopTrainingJob: the job ends Stopped
+    INTERRUPTED = "Interrupted"  # the local cloud shutting down: like a spot interruption, not an end
+
+
 class LocalTrainingRun:
-    """Runs one job to its end in a background thread, reporting each status change to `on_status`."""
+    """Runs one job to its end in a background thread, reporting each status change to `on_status`.
+
+    `request_stop` ends the process as SageMaker does (SIGTERM, then SIGKILL after a grace period); the
+    checkpoint folder is synced a last time either way. A stopped job ends `Stopped`; an interrupted one
+    (the local cloud shutting down) stays `InProgress`/`Interrupted`, its checkpoints in S3 for a resume.
+    """
 
     def __init__(
         self,
@@ -95,14 +112,19 @@ class LocalTrainingRun:
         container_env: Mapping[str, str],
         command: Sequence[str] = DEFAULT_COMMAND,
         checkpoint_sync_s: float = DEFAULT_CHECKPOINT_SYNC_S,
+        on_log_line: Callable[[str], None] | None = None,
     ) -> None:
         self.spec = spec
         self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
         self._on_status = on_status
         self._container_env = dict(container_env)
         self._command = list(command)
         self._checkpoint_sync_s = checkpoint_sync_s
+        self._on_log_line = on_log_line
         self._stop_requested = threading.Event()
+        self._stop_reason: StopReason | None = None
+        self._grace_s = DEFAULT_STOP_GRACE_S
         self._thread = threading.Thread(target=self.run, name=f"training-{spec.name}", daemon=True)
 
     @property
@@ -112,8 +134,16 @@ class LocalTrainingRun:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def request_stop(self, reason: StopReason, grace_s: float) -> bool:
+        """Ask the run to end (the first reason wins); False when it has ended already."""
+        if not self._thread.is_alive():
+            return False
+        if self._stop_reason is None:
+            self._stop_reason, self._grace_s = reason, grace_s
         self._stop_requested.set()
+        return True
+
+    def join(self, timeout_s: float | None = None) -> None:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
@@ -136,11 +166,8 @@ class LocalTrainingRun:
         self._prepare_workdir(s3)
         checkpoints = self._checkpoint_sync(s3)
         self._on_status(TrainingStatus("InProgress", "Training"))
-        if checkpoints is None:
+        with checkpoints.running() if checkpoints is not None else nullcontext():
             outcome = self._run_process()
-        else:
-            with checkpoints.running():
-                outcome = self._run_process()
         if outcome is not None:
             return outcome
         self._on_status(TrainingStatus("InProgress", "Uploading"))
@@ -190,13 +217,20 @@ class LocalTrainingRun:
 
     def _run_process(self) -> TrainingStatus | None:
         """Run the entrypoint; None when it succeeded, else the final status."""
-        with self.log_path.open("ab") as log:
-            process = subprocess.Popen(
-                self._command, cwd=self.workdir, env=self.environment(), stdout=log, stderr=subprocess.STDOUT
-            )
-            timed_out = self._wait(process)
         if self._stop_requested.is_set():
-            return TrainingStatus("Stopped", "Stopped", "Stopped by the local cloud shutting down")
+            return self._stopped_status()
+        tail = self._log_tail()
+        with self.log_path.open("ab") as log:
+            self.process = process = start_process(self._command, self.workdir, self.environment(), log)
+        if tail is not None:
+            tail.start()
+        try:
+            timed_out = self._wait(process)
+        finally:
+            if tail is not None:
+                tail.stop()
+        if self._stop_reason is not None:
+            return self._stopped_status()
         if timed_out:
             reason = f"MaxRuntimeInSeconds exceeded ({self.spec.max_runtime_s} s)"
             return TrainingStatus("Failed", "MaxRuntimeExceeded", reason)
@@ -204,16 +238,29 @@ class LocalTrainingRun:
             return TrainingStatus("Failed", "Failed", self._failure_reason(process.returncode))
         return None
 
+    def _log_tail(self) -> FileTail | None:
+        """Ships the lines the process adds to training.log (a restarted job's file keeps the old ones)."""
+        if self._on_log_line is None:
+            return None
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        return FileTail(self.log_path, self._on_log_line, offset)
+
     def _wait(self, process: subprocess.Popen[bytes]) -> bool:
-        """Wait for the process; kill it on stop or past MaxRuntimeInSeconds. True when it ran out of time."""
-        waited = 0.0
+        """Wait for the process; end it on a stop request or past MaxRuntimeInSeconds (then True)."""
+        deadline = time.monotonic() + self.spec.max_runtime_s
         while process.poll() is None:
-            if self._stop_requested.wait(0.5) or waited >= self.spec.max_runtime_s:
-                process.kill()
-                process.wait()
-                return not self._stop_requested.is_set()
-            waited += 0.5
+            if self._stop_requested.wait(0.5):
+                end_process(process, self._grace_s)
+                return False
+            if time.monotonic() >= deadline:
+                end_process(process, self._grace_s)
+                return True
         return False
+
+    def _stopped_status(self) -> TrainingStatus:
+        if self._stop_reason is StopReason.INTERRUPTED:
+            return TrainingStatus("InProgress", "Interrupted")
+        return TrainingStatus("Stopped", "Stopped")
 
     def _failure_reason(self, exit_code: int) -> str:
         failure_file = self.workdir / "output" / "failure"

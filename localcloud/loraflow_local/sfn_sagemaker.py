@@ -5,13 +5,18 @@ Glue integration. Behaviour copied from AWS:
 - parameters are validated against the CreateTrainingJob API model; a rejected call fails the task with
   `SageMaker.AmazonSageMakerException` and the service's message as the cause;
 - `.sync` polls DescribeTrainingJob; `Completed` outputs the description; `Failed`/`Stopped` fail the task
-  with `States.TaskFailed` and the description (with `FailureReason`) as JSON in the cause.
+  with `States.TaskFailed` and the description (with `FailureReason`) as JSON in the cause;
+- stopping the execution while it waits on `.sync` stops the training job (StopTrainingJob: the `.sync`
+  pattern's generated IAM policy grants `sagemaker:StopTrainingJob` for this). The interpreter's seam:
+  `StopExecution` sets the program state of the execution and of its frames to `ProgramStopped`, and
+  `_eval_sync`'s polling loop ends when the state is no longer running.
 """
 
 from __future__ import annotations
 
 import datetime
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any, Final, cast
 
@@ -37,10 +42,14 @@ from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.resou
     ResourceCondition,
     ResourceRuntimePart,
 )
+from moto.stepfunctions.parser.asl.eval.callback.callback import CallbackEndpoint, HeartbeatEndpoint
 from moto.stepfunctions.parser.asl.eval.environment import Environment
 from moto.stepfunctions.parser.asl.eval.event.event_detail import EventDetails
+from moto.stepfunctions.parser.asl.eval.program_state import ProgramStopped
 from moto.stepfunctions.parser.asl.utils.boto_client import boto_client_for
 from moto.stepfunctions.parser.asl.utils.encoding import to_json_str
+
+LOG = logging.getLogger(__name__)
 
 SERVICE_ERROR: Final[str] = "SageMaker.AmazonSageMakerException"
 _SUPPORTED_ACTIONS: Final[dict[str, str]] = {"createtrainingjob": "CreateTrainingJob"}
@@ -147,21 +156,51 @@ class StateTaskServiceSageMaker(callback_base.StateTaskServiceCallback):
         state_credentials: StateCredentials,
     ) -> Callable[[], Any] | None:
         env.stack.pop()  # CreateTrainingJob's response: the description replaces it
-        job_name = normalised_parameters["TrainingJobName"]
         client: Any = boto_client_for(
             service="sagemaker", region=resource_runtime_part.region, state_credentials=state_credentials
         )
+        return _TrainingJobWatch(client, normalised_parameters["TrainingJobName"], self, env)
 
-        def _sync_resolver() -> Any | None:
-            description = client.describe_training_job(TrainingJobName=job_name)
-            description.pop("ResponseMetadata", None)
-            description = _json_ready(description)
-            status = description["TrainingJobStatus"]
-            if status == "Completed":
-                return description
-            if status in _TERMINAL_FAILURES:
-                error = StatesErrorNameType.StatesTaskFailed.to_name()
-                raise FailureEventException(self._task_failed(env, error, to_json_str(description)))
-            return None
+    def _eval_sync(
+        self,
+        env: Environment,
+        sync_resolver: Callable[[], Any] | None,
+        timeout_seconds: int | None,
+        callback_endpoint: CallbackEndpoint | None,
+        heartbeat_endpoint: HeartbeatEndpoint | None,
+    ) -> Any:
+        waited = super()._eval_sync
+        outcome = waited(env, sync_resolver, timeout_seconds, callback_endpoint, heartbeat_endpoint)
+        if isinstance(sync_resolver, _TrainingJobWatch) and isinstance(env.program_state(), ProgramStopped):
+            sync_resolver.stop_job()
+        return outcome
 
-        return _sync_resolver
+
+class _TrainingJobWatch:
+    """The `.sync` resolver: None while the job runs, its description once Completed; raises if it failed."""
+
+    def __init__(self, client: Any, job_name: str, task: StateTaskServiceSageMaker, env: Environment) -> None:
+        self._client = client
+        self.job_name = job_name
+        self._task = task
+        self._env = env
+
+    def __call__(self) -> Any | None:
+        description = self._client.describe_training_job(TrainingJobName=self.job_name)
+        description.pop("ResponseMetadata", None)
+        description = _json_ready(description)
+        status = description["TrainingJobStatus"]
+        if status == "Completed":
+            return description
+        if status in _TERMINAL_FAILURES:
+            error = StatesErrorNameType.StatesTaskFailed.to_name()
+            failure = self._task._task_failed(self._env, error, to_json_str(description))
+            raise FailureEventException(failure)
+        return None
+
+    def stop_job(self) -> None:
+        """The execution was stopped while waiting: stop the job, as Step Functions does."""
+        try:
+            self._client.stop_training_job(TrainingJobName=self.job_name)
+        except ClientError as exc:  # it ended meanwhile: nothing to stop
+            LOG.info("stopping training job %s after the execution stopped: %s", self.job_name, exc)

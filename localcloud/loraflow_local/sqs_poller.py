@@ -33,6 +33,10 @@ class SqsPoller:
     def start(self) -> None:
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Stop after the current poll (up to 1 s); `stop` waits for it."""
+        self._stopped.set()
+
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join(timeout=5)

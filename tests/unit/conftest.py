@@ -20,5 +20,6 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with mock_aws():
+    # moto keeps this switch process-wide once a test turns it on: say it, so executions stay RUNNING.
+    with mock_aws(config={"stepfunctions": {"execute_state_machine": False}}):
         yield

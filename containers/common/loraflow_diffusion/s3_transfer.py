@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import boto3
+from botocore.exceptions import ClientError
 from loraflow_shared.s3 import list_objects, parse_s3_uri
 
 if TYPE_CHECKING:
@@ -51,3 +52,15 @@ def download_object(uri: str, dest: Path) -> Path:
 def upload_bytes(data: bytes, uri: str, content_type: str) -> None:
     bucket, key = parse_s3_uri(uri)
     _client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+
+
+def exists(uri: str) -> bool:
+    """Whether the object exists (HEAD); any answer other than "not found" is an error."""
+    bucket, key = parse_s3_uri(uri)
+    try:
+        _client().head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+            return False
+        raise
+    return True

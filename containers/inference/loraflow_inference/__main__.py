@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from flask import Flask
+from loraflow_diffusion.hub_token import load_hub_token
+from loraflow_shared.errors import LoraflowError
 
 from loraflow_inference.handler import PreviewRenderer
 from loraflow_inference.server import create_app
@@ -32,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="0.0.0.0")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     settings = InferenceSettings.from_env()  # a bad setting fails here, before the port opens
+    _load_hub_token()
 
     def app_factory() -> Flask:
         return create_app(PreviewRenderer.from_settings(settings))
@@ -41,6 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         _serve_with_werkzeug(app_factory, args.host, args.port)
     return 0
+
+
+def _load_hub_token() -> None:
+    """The token for gated base models. An unreadable secret must not take the endpoint down for every
+    job: it is logged (never its value) and renders of gated models fail with MODEL_LOAD_FAILED."""
+    try:
+        load_hub_token()
+    except LoraflowError as exc:
+        logger.error("no Hugging Face token: %s", exc.message)
 
 
 def _serve_with_werkzeug(app_factory: Callable[[], Flask], host: str, port: int) -> None:

@@ -24,6 +24,7 @@ from loraflow_shared.contracts import PreviewRequest, PreviewResponse, PreviewRe
 from loraflow_shared.errors import ErrorCode, LoraflowError
 from PIL import Image
 
+from loraflow_inference.cancellation import CancellationCheck, RenderCancelled
 from loraflow_inference.settings import InferenceSettings
 
 ADAPTER_NAME = "job_lora"
@@ -50,11 +51,13 @@ class PreviewRenderer:
         return cls(loader, settings.max_cached_pipelines)
 
     def render(self, request: PreviewRequest) -> PreviewResponse:
+        cancellation = CancellationCheck(request.job_id, request.cancel_s3_uri)
         with self._lock:
+            cancellation.raise_if_cancelled()  # queued behind other renders: maybe cancelled meanwhile
             pipe = self.pipeline(request.base_model)
             with tempfile.TemporaryDirectory(prefix="loraflow-lora-") as folder:
                 lora_file = _download_lora(request.lora_s3_uri, Path(folder))
-                images = self._render_with_lora(pipe, lora_file, request)
+                images = self._render_with_lora(pipe, lora_file, request, cancellation)
         prefix = request.output_s3_prefix.rstrip("/") + "/"  # `.../previews` and `.../previews/` alike
         previews = []
         for index, (prompt, image) in enumerate(zip(request.prompts, images, strict=True)):
@@ -89,7 +92,11 @@ class PreviewRenderer:
             torch.cuda.empty_cache()
 
     def _render_with_lora(
-        self, pipe: SupportedPipeline, lora_file: Path, request: PreviewRequest
+        self,
+        pipe: SupportedPipeline,
+        lora_file: Path,
+        request: PreviewRequest,
+        cancellation: CancellationCheck | None = None,
     ) -> list[Image.Image]:
         try:
             try:
@@ -100,7 +107,13 @@ class PreviewRenderer:
                 what = f"LoRA {request.lora_s3_uri} does not fit base model {request.base_model!r}"
                 raise _preview_failed(what, exc) from exc
             return render_prompts(
-                pipe, request.prompts, request.steps, request.resolution, request.seed, request.clip_skip
+                pipe,
+                request.prompts,
+                request.steps,
+                request.resolution,
+                request.seed,
+                request.clip_skip,
+                cancellation,
             )
         finally:
             self._unload_lora(pipe, request.base_model)
@@ -121,10 +134,16 @@ def render_prompts(
     resolution: int,
     seed: int,
     clip_skip: int | None = None,
+    cancellation: CancellationCheck | None = None,
 ) -> list[Image.Image]:
-    """One image per prompt; prompt i uses seed + i on a CPU generator (same picture on any device)."""
+    """One image per prompt; prompt i uses seed + i on a CPU generator (same picture on any device).
+
+    With a `cancellation`, a cancelled job stops the render before the next prompt or step."""
     images = []
+    step_callback = {"callback_on_step_end": cancellation.step_callback} if cancellation else {}
     for index, prompt in enumerate(prompts):
+        if cancellation is not None:
+            cancellation.raise_if_cancelled()
         try:
             result = pipe(
                 **_prompt_arguments(pipe, prompt, resolution, clip_skip),
@@ -132,7 +151,10 @@ def render_prompts(
                 height=resolution,
                 width=resolution,
                 generator=torch.Generator("cpu").manual_seed(seed + index),
+                **step_callback,
             )
+        except RenderCancelled:
+            raise
         except Exception as exc:
             raise _preview_failed(f"rendering prompt {index} ({prompt!r}) failed", exc) from exc
         images.append(result.images[0])

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from loraflow_diffusion.device import bitsandbytes_available, device_memory_bytes, pick_dtype
 from loraflow_diffusion.families import ModelFamily, SupportedPipeline, family_of
+from loraflow_diffusion.hub_token import load_hub_token
 from loraflow_diffusion.models import load_pipeline
 from loraflow_diffusion.sagemaker_env import TrainingPaths
 from loraflow_shared.dataset.config import ParsedConfig, TrainingConfig
@@ -186,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = TrainingPaths.from_env()
     try:
         settings = TrainerSettings.from_environ()
+        load_hub_token()  # gated base models; workers inherit HF_TOKEN
         processes = process_count(settings.loraflow_num_processes)
         if processes > 1 and not is_worker():
             return _supervise_workers(paths, processes, args)

@@ -1,6 +1,12 @@
 """Turn a settled dataset listing into exactly one job: claim it, validate it, reject it or queue it.
 
-No boto3 here: the store and the execution starter are adapters passed in.
+The newest settled version of a dataset is the one that counts: claiming it cancels every unfinished
+job of an older version (CANCELLED, reason SUPERSEDED), and a version that was itself superseded and
+comes back (a user reverting a change) runs again as a new attempt. Every claimed job reaches a
+terminal state: an unexpected error after the claim fails it (INTERNAL_ERROR, notified, logged)
+instead of leaving it to SQS redeliveries.
+
+No boto3 here: the store and job control's adapters are passed in.
 """
 
 from __future__ import annotations
@@ -10,8 +16,9 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
-from loraflow_shared.contracts import ExecutionInput
-from loraflow_shared.dataset.layout import Subset, default_preview_prompts
+from aws_lambda_powertools import Logger
+from loraflow_shared.dataset.layout import Subset
+from loraflow_shared.dataset.preview_budget import job_preview_prompts
 from loraflow_shared.dataset.validate import (
     ObjectInfo,
     ObjectReader,
@@ -19,12 +26,21 @@ from loraflow_shared.dataset.validate import (
     ValidationReport,
     validate_dataset,
 )
+from loraflow_shared.errors import ErrorCode, Problem
+from loraflow_shared.jobs.control import JobControl, superseded_by
+from loraflow_shared.jobs.errors import InvalidTransition, JobStateConflict, StaleAttempt
 from loraflow_shared.jobs.model import Job, JobStatus, PreviewSettings, dataset_fingerprint, job_id_for
 from loraflow_shared.jobs.repository import JobRepository
 from loraflow_shared.notifications import TerminalNotifier, announce_terminal
 from loraflow_shared.s3 import s3_uri
 
 from loraflow_ingest.events import DatasetRef
+
+logger = Logger(child=True)
+
+# Unfinished jobs of one dataset are few (each new version cancels the older ones); this bounds the scan.
+SUPERSEDE_SCAN_LIMIT = 100
+REASON_LIMIT = 1000
 
 
 class DatasetStore(Protocol):
@@ -33,18 +49,13 @@ class DatasetStore(Protocol):
     def reader(self, bucket: str) -> ObjectReader: ...
 
 
-class ExecutionStarter(Protocol):
-    def start(self, execution_input: ExecutionInput) -> str:
-        """Start the pipeline for a job (idempotent per job id); return the execution ARN."""
-        ...
-
-
 class Outcome(StrEnum):
     EMPTY = "EMPTY"  # nothing under the prefix (deleted)
     NOT_SETTLED = "NOT_SETTLED"  # still uploading: the newest object's own event comes later
     ALREADY_HANDLED = "ALREADY_HANDLED"  # a re-delivered event for a job past validation
     REJECTED = "REJECTED"
     QUEUED = "QUEUED"
+    FAILED = "FAILED"  # an unexpected error: the job failed with INTERNAL_ERROR
 
 
 class Ingestor:
@@ -53,7 +64,7 @@ class Ingestor:
         repository: JobRepository,
         notifier: TerminalNotifier,
         store: DatasetStore,
-        executions: ExecutionStarter,
+        control: JobControl,
         settle_seconds: int,
         default_base_model: str,
         limits: ValidationLimits | None = None,
@@ -62,7 +73,7 @@ class Ingestor:
         self._repository = repository
         self._notifier = notifier
         self._store = store
-        self._executions = executions
+        self._control = control
         self._settle = timedelta(seconds=settle_seconds)
         self._default_base_model = default_base_model
         self._limits = limits or ValidationLimits()
@@ -74,17 +85,17 @@ class Ingestor:
             return Outcome.EMPTY, None
         if self._clock() - max(obj.last_modified for obj in objects) < self._settle:
             return Outcome.NOT_SETTLED, None
-        job = self._claim(ref, objects)
-        outcome = Outcome.ALREADY_HANDLED
-        if job.status is JobStatus.VALIDATING:  # new, or a crash mid-validation: (re)validate
-            job = self._validate(job, ref, objects)
-            outcome = Outcome(job.status.value)
-        if job.status is JobStatus.QUEUED:  # also after a crash between QUEUED and StartExecution
-            job = self._start(job)
+        job, created = self._claim(ref, objects)
+        try:
+            outcome, job = self._advance(job, created, ref, objects)
+        except (InvalidTransition, StaleAttempt):  # cancelled (or retried) while we worked on it
+            outcome, job = Outcome.ALREADY_HANDLED, self._repository.require(job.job_id)
+        except Exception as exc:
+            outcome, job = Outcome.FAILED, self._fail(job, exc)
         announce_terminal(job, self._repository, self._notifier)
         return outcome, job
 
-    def _claim(self, ref: DatasetRef, objects: Sequence[ObjectInfo]) -> Job:
+    def _claim(self, ref: DatasetRef, objects: Sequence[ObjectInfo]) -> tuple[Job, bool]:
         fingerprint = dataset_fingerprint(objects)
         now = self._repository.now()
         candidate = Job(
@@ -96,7 +107,35 @@ class Ingestor:
             fingerprint=fingerprint,
             dataset_s3_uri=s3_uri(ref.bucket, f"{ref.dataset}/"),
         )
-        return self._repository.claim(candidate).job
+        claim = self._repository.claim(candidate)
+        return claim.job, claim.created
+
+    def _advance(
+        self, job: Job, created: bool, ref: DatasetRef, objects: Sequence[ObjectInfo]
+    ) -> tuple[Outcome, Job]:
+        revived = _was_superseded(job)
+        if created or revived:
+            self._supersede_others(job)
+        if revived:  # back to a version that a newer one had replaced: it counts again
+            job = self._control.retry(job.job_id)
+        outcome = Outcome.ALREADY_HANDLED
+        if job.status is JobStatus.VALIDATING:  # new, or a crash mid-validation: (re)validate
+            job = self._validate(job, ref, objects)
+            outcome = Outcome(job.status.value)
+        if job.status is JobStatus.QUEUED:  # also after a crash between QUEUED and StartExecution
+            job = self._control.start_attempt(job)
+        return outcome, job
+
+    def _supersede_others(self, newer: Job) -> None:
+        jobs, _ = self._repository.list_by_dataset(newer.dataset, limit=SUPERSEDE_SCAN_LIMIT)
+        for older in jobs:
+            if older.job_id == newer.job_id or older.is_terminal:
+                continue
+            try:
+                self._control.cancel(older.job_id, superseded_by(newer))
+            except JobStateConflict:
+                continue  # it ended on its own meanwhile
+            logger.info("superseded", job_id=older.job_id, newer_job_id=newer.job_id)
 
     def _validate(self, job: Job, ref: DatasetRef, objects: Sequence[ObjectInfo]) -> Job:
         report = validate_dataset(ref.dataset, objects, self._store.reader(ref.bucket), self._limits)
@@ -104,38 +143,51 @@ class Ingestor:
             return self._repository.transition(
                 job.job_id,
                 JobStatus.REJECTED,
+                from_statuses=[JobStatus.VALIDATING],
+                if_attempt=job.attempt,
                 errors=report.errors,
                 warnings=report.warnings,
                 config_file=report.config_file,
             )
+        attempt = job.current_attempt or self._control.new_attempt(job, job.attempt)
+        # Only from VALIDATING: a job cancelled meanwhile (CANCELLED may go to QUEUED on a retry) stays so.
         return self._repository.transition(
             job.job_id,
             JobStatus.QUEUED,
+            from_statuses=[JobStatus.VALIDATING],
+            if_attempt=job.attempt,
             warnings=report.warnings,
+            validation_warnings=report.warnings,
             config_file=report.config_file,
             base_model=report.config.pretrained_model_name_or_path or self._default_base_model,
             preview=preview_settings(report),
+            attempts=job.with_attempt(attempt),
         )
 
-    def _start(self, job: Job) -> Job:
-        if job.config_file is None or job.base_model is None:
-            raise ValueError(f"queued job {job.job_id} lacks its config file or base model")
-        execution_arn = self._executions.start(
-            ExecutionInput(
-                job_id=job.job_id,
-                dataset=job.dataset,
-                dataset_s3_uri=job.dataset_s3_uri,
-                config_file=job.config_file,
-                base_model=job.base_model,
-            )
+    def _fail(self, job: Job, exc: Exception) -> Job:
+        """End the claimed job FAILED with the reason; if even that fails, SQS redelivers (then the DLQ)."""
+        logger.exception("ingest failed unexpectedly", job_id=job.job_id, dataset=job.dataset)
+        reason = f"ingest failed unexpectedly: {type(exc).__name__}: {exc}"[:REASON_LIMIT]
+        failed = self._repository.require(job.job_id)
+        if failed.is_terminal:
+            return failed
+        return self._repository.transition(
+            job.job_id,
+            JobStatus.FAILED,
+            if_attempt=failed.attempt,
+            errors=[Problem(code=ErrorCode.INTERNAL_ERROR, path="", message=reason)],
+            attempts=failed.attempts_ended(JobStatus.FAILED, self._repository.now()),
         )
-        if job.execution_arn == execution_arn:
-            return job
-        return self._repository.update(job.job_id, execution_arn=execution_arn)
+
+
+def _was_superseded(job: Job) -> bool:
+    return job.status is JobStatus.CANCELLED and any(p.code is ErrorCode.SUPERSEDED for p in job.errors)
 
 
 def preview_settings(report: ValidationReport) -> PreviewSettings:
-    """Preview prompts/steps/size/seed fixed at ingest, so later steps need not re-read the config."""
+    """Preview prompts/steps/size/seed fixed at ingest, so later steps need not re-read the config.
+
+    The same prompts and size that validation's preview budget counted (`preview_budget`)."""
     if report.config is None:
         raise ValueError("an accepted dataset has a config")
     config = report.config
@@ -144,10 +196,9 @@ def preview_settings(report: ValidationReport) -> PreviewSettings:
         for s in report.subsets
     ]
     return PreviewSettings(
-        prompts=config.loraflow.preview_prompts or default_preview_prompts(subsets),
+        prompts=job_preview_prompts(config, subsets),
         steps=config.loraflow.preview_steps,
-        # Previews are square: the smaller side keeps them at the scale the LoRA was trained at.
-        resolution=min(config.preview_size),
+        resolution=config.preview_side,
         seed=config.loraflow.preview_seed,
         clip_skip=config.clip_skip,
     )

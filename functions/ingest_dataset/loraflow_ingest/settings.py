@@ -8,6 +8,8 @@ class IngestSettings(EnvSettings):
     jobs_table: str = Field(min_length=1)
     notification_topic_arn: str = Field(min_length=1)
     state_machine_arn: str = Field(min_length=1)
+    # Superseding a job whose previews render writes the renderer's cancel marker here.
+    artifacts_bucket: str = Field(min_length=1)
     # A dataset is validated once its newest object is at least this old (uploads have stopped).
     settle_seconds: int = Field(ge=0, le=900)
     # Used when the dataset's config names no `pretrained_model_name_or_path`.

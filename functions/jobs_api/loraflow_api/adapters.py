@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import boto3
 from aws_lambda_powertools import Logger
 from botocore.config import Config
 from botocore.exceptions import ClientError
+from loraflow_shared.jobs.control_aws import build_control
 from loraflow_shared.jobs.model import progress_key
 from loraflow_shared.jobs.repository import JobRepository
+from loraflow_shared.notifications import Notifier
 from loraflow_shared.s3 import parse_s3_uri
 
 from loraflow_api.logic import JobQueries
@@ -54,11 +58,47 @@ class S3ProgressReader:
             return None
 
 
-def build_queries(settings: ApiSettings) -> JobQueries:
-    # SigV4 URLs: required for KMS-encrypted objects, and SigV2 is deprecated.
-    s3 = boto3.client("s3", config=Config(signature_version="s3v4"))
+def signing_config(environ: Mapping[str, str]) -> Config:
+    """How presigned URLs are built: SigV4, on the bucket's regional virtual host unless an endpoint is set.
+
+    botocore otherwise signs for the global host `bucket.s3.amazonaws.com`; outside us-east-1 a new
+    bucket answers it with a redirect the signature does not survive (S3 "Request routing"; regions
+    launched after March 2019 answer 400). With virtual addressing and the client's region the URL names
+    `bucket.s3.<region>.amazonaws.com`. SigV4 is also required for KMS-encrypted objects.
+    An endpoint configured the SDK's way (AWS_ENDPOINT_URL[_S3], AWS SDKs "Service-specific endpoints":
+    the local cloud, an S3-compatible store) is addressed path style: virtual hosts there would be
+    `bucket.localhost`, which need not resolve.
+    """
+    ignored = environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true"
+    configured = not ignored and bool(environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL"))
+    return Config(signature_version="s3v4", s3={"addressing_style": "path" if configured else "virtual"})
+
+
+def signing_s3_client(environ: Mapping[str, str] = os.environ) -> S3Client:
+    """The API's S3 client (the region and any endpoint come from the SDK's usual configuration)."""
+    return boto3.client("s3", config=signing_config(environ))
+
+
+def build_queries(settings: ApiSettings, environ: Mapping[str, str] = os.environ) -> JobQueries:
+    s3 = signing_s3_client(environ)
+    repository = JobRepository(boto3.resource("dynamodb").Table(settings.jobs_table))
+    clients = {
+        "stepfunctions": boto3.client("stepfunctions"),
+        "sagemaker": boto3.client("sagemaker"),
+        "s3": s3,
+        "sqs": boto3.client("sqs"),
+    }
+    control = build_control(
+        repository,
+        Notifier(boto3.client("sns"), settings.notification_topic_arn),
+        clients,
+        settings.state_machine_arn,
+        settings.artifacts_bucket,
+        settings.upload_queue_url,
+    )
     return JobQueries(
-        repository=JobRepository(boto3.resource("dynamodb").Table(settings.jobs_table)),
+        repository=repository,
         signer=S3UrlSigner(s3, settings.url_expiry_seconds),
         progress=S3ProgressReader(s3, settings.artifacts_bucket),
+        control=control,
     )

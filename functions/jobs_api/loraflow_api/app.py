@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from http import HTTPStatus
 from typing import Any
@@ -10,6 +11,7 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from loraflow_shared.errors import ErrorCode, LoraflowError
+from loraflow_shared.jobs.errors import JobNotFound
 from pydantic import ValidationError
 
 from loraflow_api.adapters import build_queries
@@ -23,7 +25,10 @@ app = APIGatewayRestResolver()
 HTTP_STATUS_BY_CODE: dict[ErrorCode, HTTPStatus] = {
     ErrorCode.BAD_REQUEST: HTTPStatus.BAD_REQUEST,
     ErrorCode.JOB_NOT_FOUND: HTTPStatus.NOT_FOUND,
+    ErrorCode.JOB_STATE_CONFLICT: HTTPStatus.CONFLICT,
 }
+PATH_ECHO_LIMIT = 100  # a 404 names the path it did not find, never more than this of it
+_JOB_ROUTE = re.compile(r"/jobs/(?P<job_id>[^/]+)(?:/cancel|/retry)?")
 
 
 @cache
@@ -59,6 +64,21 @@ def get_job(job_id: str) -> dict[str, Any]:
     return _queries().get_job(job_id).model_dump(mode="json")
 
 
+@app.post("/jobs/<job_id>/cancel")
+def cancel_job(job_id: str) -> dict[str, Any]:
+    return _queries().cancel_job(job_id).model_dump(mode="json")
+
+
+@app.post("/jobs/<job_id>/retry")
+def retry_job(job_id: str) -> Response[Any]:
+    view = _queries().retry_job(job_id)
+    return Response(
+        status_code=HTTPStatus.ACCEPTED.value,
+        content_type=content_types.APPLICATION_JSON,
+        body=view.model_dump(mode="json"),
+    )
+
+
 def _error(status: HTTPStatus, code: ErrorCode, message: str) -> Response[Any]:
     return Response(
         status_code=status.value,
@@ -82,7 +102,11 @@ def unexpected(exc: Exception) -> Response[Any]:
 @app.not_found
 def no_route(_exc: Exception) -> Response[Any]:
     event = app.current_event
-    return _error(HTTPStatus.NOT_FOUND, ErrorCode.BAD_REQUEST, f"no route {event.http_method} {event.path}")
+    job_route = _JOB_ROUTE.fullmatch(event.path)
+    if job_route is not None:  # an id Powertools' route pattern does not match is still an unknown job
+        return domain_error(JobNotFound(job_route.group("job_id")))
+    path = event.path if len(event.path) <= PATH_ECHO_LIMIT else event.path[:PATH_ECHO_LIMIT] + "…"
+    return _error(HTTPStatus.NOT_FOUND, ErrorCode.BAD_REQUEST, f"no route {event.http_method} {path!r}")
 
 
 @logger.inject_lambda_context(clear_state=True)

@@ -7,7 +7,10 @@ from typing import Protocol
 from aws_lambda_powertools import Logger
 from loraflow_shared.contracts import TrainingProgress
 from loraflow_shared.errors import Problem
-from loraflow_shared.jobs.model import Job, JobStatus, TrainingSummary
+from loraflow_shared.jobs.control import JobControl, cancelled_by_user
+from loraflow_shared.jobs.cost import total_cost
+from loraflow_shared.jobs.errors import JobNotFound
+from loraflow_shared.jobs.model import Attempt, Cost, Job, JobStatus, TrainingSummary, is_job_id
 from loraflow_shared.jobs.repository import JobRepository
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -67,6 +70,11 @@ class JobView(_View):
     previews: list[PreviewLink]
     # Only in `GET /jobs/{job_id}` while TRAINING, once the trainer reported a step; else None.
     progress: ProgressView | None
+    attempt: int
+    # One per run of the pipeline: execution, training job name(s), capacity waits, outcome, cost.
+    attempts: list[Attempt]
+    cost: Cost | None  # the current attempt's training job
+    total_estimated_usd: float | None  # every attempt's training jobs
 
 
 class JobPage(_View):
@@ -106,6 +114,10 @@ def job_view(job: Job, signer: UrlSigner, progress: ProgressView | None = None) 
         artifacts=artifacts,
         previews=[PreviewLink(prompt=p.prompt, url=signer.presign(p.s3_uri)) for p in job.previews],
         progress=progress,
+        attempt=job.attempt,
+        attempts=job.attempts,
+        cost=job.cost,
+        total_estimated_usd=total_cost([attempt.cost for attempt in job.attempts] or [job.cost]),
     )
 
 
@@ -126,14 +138,32 @@ def parse_progress(job_id: str, raw: bytes) -> ProgressView | None:
 
 
 class JobQueries:
-    def __init__(self, repository: JobRepository, signer: UrlSigner, progress: ProgressSource) -> None:
+    def __init__(
+        self, repository: JobRepository, signer: UrlSigner, progress: ProgressSource, control: JobControl
+    ) -> None:
         self._repository = repository
         self._signer = signer
         self._progress = progress
+        self._control = control
+
+    def _require(self, job_id: str) -> Job:
+        if not is_job_id(job_id):  # any other text is unknown: DynamoDB is not asked (nor can it fail)
+            raise JobNotFound(job_id)
+        return self._repository.require(job_id)
 
     def get_job(self, job_id: str) -> JobView:
-        job = self._repository.require(job_id)
+        job = self._require(job_id)
         return job_view(job, self._signer, self._training_progress(job))
+
+    def cancel_job(self, job_id: str) -> JobView:
+        """Stop whatever runs for the job and end it CANCELLED (409 once it has ended)."""
+        self._require(job_id)
+        return job_view(self._control.cancel(job_id, cancelled_by_user()), self._signer)
+
+    def retry_job(self, job_id: str) -> JobView:
+        """Run a FAILED or CANCELLED job again as a new attempt (409 otherwise)."""
+        self._require(job_id)
+        return job_view(self._control.retry(job_id), self._signer)
 
     def list_jobs(self, query: ListJobsQuery) -> JobPage:
         jobs, next_token = self._repository.list_by_dataset(query.dataset, query.limit, query.next_token)

@@ -3,9 +3,17 @@
 from loraflow_shared.settings import EnvSettings
 from pydantic import Field
 
+MAX_URL_EXPIRY_SECONDS = 43_200
+
 
 class ApiSettings(EnvSettings):
     jobs_table: str = Field(min_length=1)
     artifacts_bucket: str = Field(min_length=1)
-    # SigV4 presigned URLs live at most 7 days.
-    url_expiry_seconds: int = Field(ge=1, le=604_800)
+    # Job control (cancel, retry): the pipeline to start/stop, where to announce, the ingest queue
+    # (a retry of a job that failed before validation ended is validated again).
+    state_machine_arn: str = Field(min_length=1)
+    notification_topic_arn: str = Field(min_length=1)
+    upload_queue_url: str = Field(min_length=1)
+    # A presigned URL dies with the signing credentials, the function's role session, whatever its expiry
+    # says (S3 "Sharing objects with presigned URLs"): 12 h, as the template's UrlExpirySeconds MaxValue.
+    url_expiry_seconds: int = Field(ge=1, le=MAX_URL_EXPIRY_SECONDS)

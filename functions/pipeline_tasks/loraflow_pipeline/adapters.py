@@ -9,6 +9,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import boto3
 from loraflow_shared.errors import ErrorCode, LoraflowError
+from loraflow_shared.jobs.preview_timing import PreviewTimeouts, preview_timeouts
 from loraflow_shared.jobs.repository import JobRepository
 from loraflow_shared.notifications import Notifier
 from loraflow_shared.s3 import parse_s3_uri
@@ -92,12 +93,14 @@ class SageMakerAsyncEndpoint:
         self._client = client
         self._endpoint_name = endpoint_name
 
-    def invoke_async(self, input_uri: str, inference_id: str) -> None:
+    def invoke_async(self, input_uri: str, inference_id: str, timeouts: PreviewTimeouts) -> None:
         self._client.invoke_endpoint_async(
             EndpointName=self._endpoint_name,
             InputLocation=input_uri,
             InferenceId=inference_id,
             ContentType="application/json",
+            InvocationTimeoutSeconds=timeouts.invocation_s,
+            RequestTTLSeconds=timeouts.request_ttl_s,
         )
 
 
@@ -108,4 +111,7 @@ def build_tasks(settings: PipelineSettings) -> PipelineTasks:
         artifacts=S3ArtifactStore(boto3.client("s3")),
         endpoint=SageMakerAsyncEndpoint(boto3.client("sagemaker-runtime"), settings.preview_endpoint_name),
         artifacts_bucket=settings.artifacts_bucket,
+        preview_timeouts=preview_timeouts(settings.preview_timeout_seconds),
+        capacity_wait_seconds=settings.capacity_wait_seconds,
+        prices=settings.prices,
     )

@@ -1,15 +1,35 @@
-"""The state machine's steps. Each returns the JSON the state machine stores (`{}` when nothing)."""
+"""The state machine's steps. Each returns the JSON the state machine stores (`{}` when nothing).
+
+Every step names its attempt and writes only while that attempt is the job's current one, so a step
+still in flight when its attempt was cancelled (and perhaps retried) changes nothing.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, Protocol, assert_never
 
 from aws_lambda_powertools import Logger
 from loraflow_shared.contracts import PreviewRequest, TrainingReport
 from loraflow_shared.errors import ErrorCode, LoraflowError
+from loraflow_shared.jobs.capacity import capacity_reason, next_wait_seconds
+from loraflow_shared.jobs.cost import PriceTable, failed_training_cost, training_cost
+from loraflow_shared.jobs.errors import StaleAttempt
 from loraflow_shared.jobs.failures import problems_from_task_failure
-from loraflow_shared.jobs.model import Artifacts, JobStatus, Preview
+from loraflow_shared.jobs.model import (
+    Artifacts,
+    Attempt,
+    Job,
+    JobStatus,
+    Preview,
+    execution_name,
+    inference_id,
+    preview_cancel_key,
+    preview_request_key,
+    training_job_name,
+)
+from loraflow_shared.jobs.preview_timing import PreviewTimeouts
 from loraflow_shared.jobs.repository import JobRepository
 from loraflow_shared.notifications import TerminalNotifier, announce_terminal
 from loraflow_shared.s3 import s3_uri
@@ -20,6 +40,7 @@ from loraflow_pipeline.events import (
     Fail,
     MarkTraining,
     PipelineAction,
+    PlanTrainingRetry,
     RecordTraining,
     RequestPreviews,
 )
@@ -54,7 +75,7 @@ class ArtifactStore(Protocol):
 
 
 class PreviewEndpoint(Protocol):
-    def invoke_async(self, input_uri: str, inference_id: str) -> None: ...
+    def invoke_async(self, input_uri: str, inference_id: str, timeouts: PreviewTimeouts) -> None: ...
 
 
 class PipelineTasks:
@@ -65,18 +86,27 @@ class PipelineTasks:
         artifacts: ArtifactStore,
         endpoint: PreviewEndpoint,
         artifacts_bucket: str,
+        preview_timeouts: PreviewTimeouts,
+        capacity_wait_seconds: int,
+        prices: PriceTable,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._repository = repository
         self._notifier = notifier
         self._artifacts = artifacts
         self._endpoint = endpoint
         self._bucket = artifacts_bucket
+        self._preview_timeouts = preview_timeouts
+        self._capacity_wait_s = capacity_wait_seconds
+        self._prices = prices
+        self._clock = clock
 
     def run(self, action: PipelineAction) -> dict[str, Any]:
         match action:
             case MarkTraining():
-                self._repository.transition(action.job_id, JobStatus.TRAINING)
-                return {}
+                return self.mark_training(action)
+            case PlanTrainingRetry():
+                return self.plan_training_retry(action)
             case RecordTraining():
                 return self.record_training(action)
             case RequestPreviews():
@@ -88,10 +118,63 @@ class PipelineTasks:
             case _:
                 assert_never(action)
 
+    def _current(self, job_id: str, attempt: int) -> Job:
+        job = self._repository.require(job_id)
+        if job.attempt != attempt:
+            raise StaleAttempt(job_id, attempt, job.attempt)
+        return job
+
+    def mark_training(self, action: MarkTraining) -> dict[str, Any]:
+        """→ TRAINING; names the attempt's first training job (the same name when this step is retried)."""
+        job = self._current(action.job_id, action.attempt)
+        # A job queued before attempts were recorded gets its record now.
+        record = job.current_attempt or Attempt(
+            number=job.attempt,
+            execution_name=execution_name(job.job_id, job.attempt),
+            started_at=self._repository.now(),
+            execution_arn=job.execution_arn,
+        )
+        names = record.training_job_names or [training_job_name(job.job_id, job.attempt)]
+        self._repository.transition(
+            job.job_id,
+            JobStatus.TRAINING,
+            if_attempt=job.attempt,
+            attempts=job.with_attempt(record.model_copy(update={"training_job_names": names})),
+        )
+        return {"training_job_name": names[-1]}
+
+    def plan_training_retry(self, action: PlanTrainingRetry) -> dict[str, Any]:
+        """After a failed submission: wait and submit again under a new name when it lacked capacity
+        and the attempt has waited less than CapacityWaitSeconds; otherwise let it fail."""
+        job = self._current(action.job_id, action.attempt)
+        record = job.current_attempt
+        names = record.training_job_names if record is not None else []
+        give_up = {"retry": False, "wait_seconds": 0, "training_job_name": names[-1] if names else ""}
+        reason = capacity_reason(action.error.error, action.error.cause or "")
+        if record is None or reason is None or job.is_terminal:
+            return give_up
+        wait = next_wait_seconds(record.capacity_retries)
+        started = datetime.fromisoformat(action.execution_started_at)
+        if (self._clock() - started).total_seconds() + wait > self._capacity_wait_s:
+            logger.warning("no training capacity within CapacityWaitSeconds", reason=reason)
+            return give_up
+        name = training_job_name(job.job_id, job.attempt, len(names) + 1)
+        update = {
+            "training_job_names": [*names, name],
+            "capacity_retries": record.capacity_retries + 1,
+            "waiting_reason": reason,
+        }
+        self._repository.update(
+            job.job_id, if_attempt=job.attempt, attempts=job.with_attempt(record.model_copy(update=update))
+        )
+        logger.info("waiting for training capacity", reason=reason, wait_seconds=wait, next_name=name)
+        return {"retry": True, "wait_seconds": wait, "training_job_name": name}
+
     def record_training(self, action: RecordTraining) -> dict[str, Any]:
-        job = self._repository.require(action.job_id)
+        job = self._current(action.job_id, action.attempt)
         locations = OutputLocations.for_job(self._bucket, job.job_id)
-        copied = self._artifacts.unpack_model_archive(action.model_artifacts, locations.destination_for)
+        archive = action.training_job.model_artifacts.s3_model_artifacts
+        copied = self._artifacts.unpack_model_archive(archive, locations.destination_for)
         missing = missing_members(copied)
         if missing:
             raise LoraflowError(
@@ -110,18 +193,26 @@ class PipelineTasks:
             training_report_s3_uri=locations.report_uri,
             lora_kohya_s3_uri=copied[kohya] if kohya is not None else None,
         )
+        cost = training_cost(action.training_job, self._prices)
+        record = job.current_attempt
         self._repository.update(
             job.job_id,
-            training=training_summary(action.training_job_name, report),
+            if_attempt=job.attempt,
+            training=training_summary(action.training_job.training_job_name, report),
             artifacts=artifacts,
             warnings=merge_warnings(job.warnings, report.warnings),
+            cost=cost,
+            attempts=job.with_attempt(record.model_copy(update={"cost": cost, "waiting_reason": None}))
+            if record is not None
+            else job.attempts,
         )
         return {"lora_s3_uri": locations.diffusers_lora_uri}
 
     def request_previews(self, action: RequestPreviews) -> dict[str, Any]:
-        job = self._repository.require(action.job_id)
+        job = self._current(action.job_id, action.attempt)
         if job.preview is None or job.base_model is None:
             raise LoraflowError(ErrorCode.INTERNAL_ERROR, f"job {job.job_id} has no preview settings")
+        inference = inference_id(job.job_id, job.attempt)
         request = PreviewRequest(
             job_id=job.job_id,
             base_model=job.base_model,
@@ -132,14 +223,18 @@ class PipelineTasks:
             seed=job.preview.seed,
             clip_skip=job.preview.clip_skip,
             output_s3_prefix=s3_uri(self._bucket, f"jobs/{job.job_id}/previews/"),
+            cancel_s3_uri=s3_uri(self._bucket, preview_cancel_key(inference)),
         )
         # The token is stored before invoking, so the callback always finds it.
         self._repository.transition(
-            job.job_id, JobStatus.GENERATING_PREVIEWS, preview_task_token=action.task_token
+            job.job_id,
+            JobStatus.GENERATING_PREVIEWS,
+            if_attempt=job.attempt,
+            preview_task_token=action.task_token,
         )
-        input_uri = s3_uri(self._bucket, f"async-inference/requests/{job.job_id}.json")
+        input_uri = s3_uri(self._bucket, preview_request_key(inference))
         self._artifacts.put_json(input_uri, request.model_dump_json())
-        self._endpoint.invoke_async(input_uri, inference_id=job.job_id)
+        self._endpoint.invoke_async(input_uri, inference, self._preview_timeouts)
         return {}
 
     def complete(self, action: Complete) -> dict[str, Any]:
@@ -151,18 +246,38 @@ class PipelineTasks:
                 )
             previews = [Preview(prompt=p.prompt, s3_uri=p.s3_uri) for p in action.previews.previews]
             job = self._repository.transition(
-                job.job_id, JobStatus.COMPLETED, previews=previews, preview_task_token=None
+                job.job_id,
+                JobStatus.COMPLETED,
+                if_attempt=action.attempt,
+                previews=previews,
+                preview_task_token=None,
+                attempts=job.attempts_ended(JobStatus.COMPLETED, self._repository.now()),
             )
         announce_terminal(job, self._repository, self._notifier)
         return {}
 
     def fail(self, action: Fail) -> dict[str, Any]:
+        """→ FAILED with the caught error as the job's errors; returns the job's status (a job that was
+        cancelled meanwhile stays CANCELLED, and the state machine ends without failing)."""
         job = self._repository.require(action.job_id)
-        if not job.is_terminal:  # a late or repeated failure never overwrites a final outcome
+        if not job.is_terminal and job.attempt == action.attempt:
             fallback = _FALLBACK_CODES.get(job.status, ErrorCode.INTERNAL_ERROR)
-            errors = problems_from_task_failure(action.error.error, action.error.cause or "", fallback)
+            cause = action.error.cause or ""
+            errors = problems_from_task_failure(action.error.error, cause, fallback)
+            cost = failed_training_cost(cause, self._prices)
+            # A preview failure's cause is no training job: the cost record_training wrote stays.
+            billed: dict[str, Any] = {"cost": cost} if cost is not None else {}
             job = self._repository.transition(
-                job.job_id, JobStatus.FAILED, errors=errors, preview_task_token=None
+                job.job_id,
+                JobStatus.FAILED,
+                if_attempt=action.attempt,
+                errors=errors,
+                preview_task_token=None,
+                attempts=job.attempts_ended(JobStatus.FAILED, self._repository.now(), cost),
+                **billed,
             )
-        announce_terminal(job, self._repository, self._notifier)
-        return {}
+        if job.attempt != action.attempt:  # retried after a cancel: report how this attempt ended
+            ended = next((a.status for a in job.attempts if a.number == action.attempt), None)
+            return {"status": (ended or JobStatus.CANCELLED).value}
+        job = announce_terminal(job, self._repository, self._notifier)
+        return {"status": job.status.value}

@@ -6,6 +6,8 @@ Success: `invocationStatus` "Completed" and `responseParameters.outputLocation`.
 
 from __future__ import annotations
 
+import json
+
 from pydantic import BaseModel, ConfigDict, Field
 
 COMPLETED = "Completed"
@@ -32,3 +34,27 @@ class AsyncInferenceNotification(_Lenient):
     @property
     def succeeded(self) -> bool:
         return self.invocation_status == COMPLETED
+
+
+def failed_notifications(body: str) -> tuple[list[AsyncInferenceNotification], str]:
+    """The endpoint notifications inside a message of the callback's failure queue, and why they failed.
+
+    Two producers write there: Lambda's OnFailure destination for this function (an invocation record
+    whose `requestPayload` is the SNS event and `responsePayload` the error), and the SNS subscriptions'
+    redrive policy (the undeliverable SNS message, its envelope or the bare message).
+    """
+    document = json.loads(body)
+    if isinstance(document, dict) and "requestPayload" in document:
+        error = document.get("responsePayload") or {}
+        reason = (
+            f"{error.get('errorType', 'error')}: {error.get('errorMessage', 'no message')}"
+            if isinstance(error, dict)
+            else str(error)
+        )
+        records = (document.get("requestPayload") or {}).get("Records") or []
+        messages = [record["Sns"]["Message"] for record in records if "Sns" in record]
+        return [AsyncInferenceNotification.model_validate_json(m) for m in messages], reason[:2000]
+    if isinstance(document, dict) and document.get("Type") == "Notification":
+        document = json.loads(document["Message"])
+    reason = "SNS could not deliver the notification to the callback function"
+    return [AsyncInferenceNotification.model_validate(document)], reason

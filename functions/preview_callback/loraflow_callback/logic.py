@@ -8,6 +8,7 @@ from typing import Protocol
 
 from loraflow_shared.contracts import PreviewResponse
 from loraflow_shared.errors import ErrorCode
+from loraflow_shared.jobs.model import parse_inference_id
 from loraflow_shared.jobs.repository import JobRepository
 from pydantic import ValidationError
 
@@ -32,6 +33,7 @@ class ResultStore(Protocol):
 
 class Outcome(StrEnum):
     UNKNOWN_JOB = "UNKNOWN_JOB"  # not one of ours, or deleted: nothing to complete
+    STALE_ATTEMPT = "STALE_ATTEMPT"  # a result of an attempt the job moved on from (cancelled, retried)
     NO_TASK_TOKEN = "NO_TASK_TOKEN"  # already completed or failed (a duplicate notification)
     TASK_GONE = "TASK_GONE"  # the execution stopped waiting (timeout, stopped)
     SUCCEEDED = "SUCCEEDED"
@@ -45,18 +47,37 @@ class PreviewCallback:
         self._results = results
 
     def handle(self, notification: AsyncInferenceNotification) -> Outcome:
-        job = self._repository.get(notification.inference_id)
-        if job is None:
-            return Outcome.UNKNOWN_JOB
-        token = job.preview_task_token
-        if not token:
-            return Outcome.NO_TASK_TOKEN
+        token, outcome = self._waiting_token(notification)
+        if token is None:
+            return outcome
         response, failure = self._response(notification)
         if response is not None:
             delivered = self._tokens.succeed(token, response.model_dump_json())
             return Outcome.SUCCEEDED if delivered else Outcome.TASK_GONE
         delivered = self._tokens.fail(token, ErrorCode.PREVIEW_FAILED.value, failure[:CAUSE_LIMIT])
         return Outcome.FAILED if delivered else Outcome.TASK_GONE
+
+    def fail_waiting_task(self, notification: AsyncInferenceNotification, reason: str) -> Outcome:
+        """The job's previews task fails now with `reason`: its result could not be processed (the
+        callback failed on every try), so the job ends instead of waiting out PreviewTimeoutSeconds."""
+        token, outcome = self._waiting_token(notification)
+        if token is None:
+            return outcome
+        cause = f"the preview result could not be processed: {reason}"[:CAUSE_LIMIT]
+        delivered = self._tokens.fail(token, ErrorCode.PREVIEW_FAILED.value, cause)
+        return Outcome.FAILED if delivered else Outcome.TASK_GONE
+
+    def _waiting_token(self, notification: AsyncInferenceNotification) -> tuple[str | None, Outcome]:
+        """The task token the notification's job and attempt wait with, or why there is none."""
+        parsed = parse_inference_id(notification.inference_id)
+        job = self._repository.get(parsed[0]) if parsed is not None else None
+        if parsed is None or job is None:
+            return None, Outcome.UNKNOWN_JOB
+        if job.attempt != parsed[1]:
+            return None, Outcome.STALE_ATTEMPT
+        if not job.preview_task_token:
+            return None, Outcome.NO_TASK_TOKEN
+        return job.preview_task_token, Outcome.SUCCEEDED
 
     def _response(self, notification: AsyncInferenceNotification) -> tuple[PreviewResponse | None, str]:
         """The endpoint's preview response, or why there is none."""

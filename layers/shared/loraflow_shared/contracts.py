@@ -26,9 +26,10 @@ class _Strict(BaseModel):
 
 
 class ExecutionInput(_Strict):
-    """Input of the training pipeline state machine (`StartExecution(name=job_id)`)."""
+    """Input of the training pipeline state machine, one execution per attempt (`execution_name`)."""
 
     job_id: NonEmptyStr
+    attempt: int = Field(ge=1)
     dataset: NonEmptyStr
     dataset_s3_uri: S3Uri
     config_file: NonEmptyStr
@@ -51,6 +52,8 @@ class PreviewRequest(_Strict):
     clip_skip: int | None = Field(default=None, ge=1)
     # Where the endpoint writes `<index>.png` (e.g. `s3://artifacts/jobs/<job_id>/previews/`).
     output_s3_prefix: S3Uri
+    # An object that appears when the job is cancelled: the renderer polls it and stops rendering.
+    cancel_s3_uri: S3Uri | None = None
 
 
 class PreviewResult(_Strict):

@@ -40,9 +40,13 @@ class ErrorCode(StrEnum):
     NAN_LOSS = "NAN_LOSS"  # non-finite loss: training stopped, no LoRA delivered
     OUT_OF_MEMORY = "OUT_OF_MEMORY"  # the message carries the memory plan that was tried
     INTERNAL_ERROR = "INTERNAL_ERROR"
+    # why a job was cancelled
+    CANCELLED = "CANCELLED"  # by a user's request (POST /jobs/{job_id}/cancel)
+    SUPERSEDED = "SUPERSEDED"  # a newer version of its dataset arrived before it finished
     # API
     JOB_NOT_FOUND = "JOB_NOT_FOUND"
     BAD_REQUEST = "BAD_REQUEST"
+    JOB_STATE_CONFLICT = "JOB_STATE_CONFLICT"  # e.g. cancelling a job that already ended
 
 
 # Codes reported as warnings: the dataset is accepted anyway.

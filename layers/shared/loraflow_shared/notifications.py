@@ -15,23 +15,37 @@ if TYPE_CHECKING:
 _SUBJECT_LIMIT = 100  # SNS rejects longer subjects
 
 
+def job_api_path(job_id: str) -> str:
+    """The job's resource in the jobs API (relative to the stack's ApiUrl)."""
+    return f"/jobs/{job_id}"
+
+
 def terminal_notification(job: Job) -> tuple[str, str, dict[str, Any]]:
     """`(subject, message_json, message_attributes)` for a job in a terminal status.
 
-    Subscribers can filter on the `status` message attribute (e.g. only FAILED and REJECTED).
+    The body carries what a subscriber needs without a second call: the API path, the reason of a
+    failure or cancellation, and on COMPLETED the S3 URIs of the LoRA files, report and previews, plus
+    the training cost. Subscribers can filter on the `status` message attribute.
     """
     if not job.is_terminal:
         raise ValueError(f"job {job.job_id} is {job.status.value}, not terminal: nothing to announce")
-    body = {
+    body: dict[str, Any] = {
         "job_id": job.job_id,
         "dataset": job.dataset,
         "status": job.status.value,
+        "attempt": job.attempt,
+        "api_path": job_api_path(job.job_id),
         "errors": [problem.model_dump(mode="json") for problem in job.errors],
         "warnings": [problem.model_dump(mode="json") for problem in job.warnings],
         "created_at": job.created_at,
         "updated_at": job.updated_at,
         "preview_count": len(job.previews),
+        "cost": job.cost.model_dump(mode="json") if job.cost is not None else None,
     }
+    if job.artifacts is not None:
+        body["artifacts"] = job.artifacts.model_dump(mode="json")
+    if job.previews:
+        body["previews"] = [preview.model_dump(mode="json") for preview in job.previews]
     # SNS subjects must be ASCII without line breaks.
     subject = f"loraflow {job.status.value}: {job.dataset}".encode("ascii", "replace").decode()
     subject = " ".join(subject.split())[:_SUBJECT_LIMIT]

@@ -138,3 +138,19 @@ def test_given_non_proxy_integration_when_building_routes_then_error_names_the_m
     swagger = {"paths": {"/x": {"get": {"x-amazon-apigateway-integration": {"type": "mock"}}}}}
     with pytest.raises(TemplateError, match="GET /x"):
         build_routes(swagger, {})
+
+
+@pytest.mark.parametrize("body_format", ["swagger", "openapi"])
+def test_given_api_key_scheme_in_either_body_format_when_building_routes_then_method_needs_a_key(body_format):
+    # Swagger 2.0 declares it in securityDefinitions, OpenAPI 3 (SAM's OpenApiVersion) in components.
+    scheme = {"api_key": {"type": "apiKey", "name": "x-api-key", "in": "header"}}
+    declared = (
+        {"securityDefinitions": scheme}
+        if body_format == "swagger"
+        else {"components": {"securitySchemes": scheme}}
+    )
+    body = {"paths": {"/jobs": {"get": _operation("proxy")}}, **declared}
+
+    (route,) = build_routes(body, {ARNS["proxy"]: "proxy"})
+
+    assert route.api_key_required

@@ -6,7 +6,11 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import math
+import re
+import signal
 import tarfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +21,7 @@ from loraflow_local import moto_patches
 from loraflow_local.services import LocalServices
 from moto.awslambda.models import LambdaFunction
 from moto.sagemaker.models import FakeTrainingJob
+from moto.sagemaker.responses import SageMakerResponse
 from moto.sagemakerruntime.responses import SageMakerRuntimeResponse
 from moto.sns.models import Subscription
 
@@ -36,8 +41,6 @@ def _run_state_machine(client: Client, definition: dict[str, Any], payload: dict
         described: dict[str, Any] = sfn.describe_execution(executionArn=execution)
         if described["status"] != "RUNNING":
             return described
-        import time
-
         time.sleep(0.1)
     pytest.fail("the execution did not finish in 30 s")
 
@@ -312,8 +315,12 @@ def test_given_request_breaking_the_api_model_when_task_runs_then_sagemaker_exce
     assert client("sagemaker").list_training_jobs()["TrainingJobSummaries"] == []
 
 
-def _create_job(client: Client, name: str, mode: str, max_runtime_s: int = 60) -> None:
+def _create_job(
+    client: Client, name: str, mode: str, max_runtime_s: int = 60, checkpoint_uri: str | None = None
+) -> None:
+    checkpoint = {"CheckpointConfig": {"S3Uri": checkpoint_uri}} if checkpoint_uri else {}
     client("sagemaker").create_training_job(
+        **checkpoint,
         TrainingJobName=name,
         AlgorithmSpecification={"TrainingImage": "x", "TrainingInputMode": "File"},
         RoleArn="arn:aws:iam::123456789012:role/sm",
@@ -477,6 +484,30 @@ def test_given_async_endpoint_when_invoked_then_output_written_and_success_notif
     assert json.loads(output) == {"echo": {"prompt": "dwjz"}, "content_type": "application/json"}
 
 
+def test_given_async_endpoint_when_its_server_starts_then_server_lines_reach_the_endpoint_log_group(
+    services: LocalServices, client: Client, async_endpoint: dict[str, str], wait_for: Callable[..., Any]
+):
+    client("s3").put_object(Bucket="artifacts", Key="in/job-4.json", Body=b"{}")
+    client("sagemaker-runtime").invoke_endpoint_async(
+        EndpointName="previews", InputLocation="s3://artifacts/in/job-4.json", InferenceId="job-4"
+    )
+    _next_message(client, async_endpoint["success"], wait_for)
+
+    def shipped() -> list[dict[str, Any]]:
+        services.logs.flush()
+        try:
+            found: list[dict[str, Any]] = client("logs").filter_log_events(
+                logGroupName="/aws/sagemaker/Endpoints/previews"
+            )["events"]
+        except client("logs").exceptions.ResourceNotFoundException:
+            return []
+        return found
+
+    (event,) = wait_for(shipped)
+    assert event["message"].startswith("model server listening on 127.0.0.1:")
+    assert re.fullmatch(r"AllTraffic/i-[0-9a-f]{17}", event["logStreamName"])
+
+
 def test_given_model_error_when_invoked_then_failure_written_and_error_notified(
     services: LocalServices, client: Client, async_endpoint: dict[str, str], wait_for: Callable[..., Any]
 ):
@@ -543,30 +574,39 @@ def test_given_gpu_instance_type_moto_lacks_when_creating_config_then_accepted_a
 # Shutdown ----------------------------------------------------------------------------------------------
 
 
-def test_given_running_training_and_endpoint_when_services_stop_then_processes_end_and_job_stopped(
+def test_given_running_training_and_endpoint_when_services_stop_then_interrupted_like_spot_with_checkpoint(
     services: LocalServices,
     client: Client,
     dataset: dict[str, str],
     async_endpoint: dict[str, str],
     wait_for: Callable[..., Any],
 ):
-    _create_job(client, "job-long", "sleep", max_runtime_s=600)
+    uri = "s3://artifacts/checkpoints/job-long/"
+    _create_job(client, "job-long", "checkpoint_on_sigterm", max_runtime_s=600, checkpoint_uri=uri)
     client("s3").put_object(Bucket="artifacts", Key="in/job-3.json", Body=b"{}")
     client("sagemaker-runtime").invoke_endpoint_async(
         EndpointName="previews", InputLocation="s3://artifacts/in/job-3.json", InferenceId="job-3"
     )
     _next_message(client, async_endpoint["success"], wait_for)
     training = services._trainings["job-long"]
-    wait_for(lambda: (training.workdir / "training.log").exists())
+    wait_for(lambda: "training until SIGTERM" in _read(training.log_path))
     server = services._endpoints["previews"]._process
     assert server is not None and server.poll() is None
+
     services.stop()
+
     assert server.poll() is not None
+    assert training.process is not None and training.process.poll() is not None
     job = client("sagemaker").describe_training_job(TrainingJobName="job-long")
-    assert (job["TrainingJobStatus"], job["FailureReason"]) == (
-        "Stopped",
-        "Stopped by the local cloud shutting down",
-    )
+    # A shutdown is not the job's end: like a spot interruption, it stays in progress for a resume...
+    assert (job["TrainingJobStatus"], job["SecondaryStatus"]) == ("InProgress", "Interrupted")
+    # ...with the checkpoint the trainer wrote on SIGTERM synced to S3 before the process was gone.
+    saved = client("s3").get_object(Bucket="artifacts", Key="checkpoints/job-long/state/step-7/lora.pt")
+    assert saved["Body"].read() == b"weights at step 7"
+
+
+def _read(path: Any) -> str:
+    return str(path.read_text()) if path.exists() else ""
 
 
 # 7. SendTaskFailure's cause -------------------------------------------------------------------------------
@@ -612,8 +652,6 @@ def test_given_waiting_task_when_failed_with_cause_then_catch_sees_error_and_cau
         described = sfn.describe_execution(executionArn=execution["executionArn"])
         if described["status"] != "RUNNING":
             break
-        import time
-
         time.sleep(0.1)
     assert described["status"] == "SUCCEEDED"
     assert json.loads(described["output"])["error"] == {"Error": "PREVIEW_FAILED", "Cause": "model exploded"}
@@ -629,5 +667,161 @@ def test_given_cloud_released_when_moto_used_then_upstream_methods_are_back(serv
             SageMakerRuntimeResponse.invoke_endpoint_async is moto_patches._originals["invoke_endpoint_async"]
         )
         assert StepFunctionResponse.send_task_failure is moto_patches._originals["send_task_failure"]
+        assert not hasattr(SageMakerResponse, "stop_training_job")
     finally:
         moto_patches.apply(services)
+
+
+# 8. StopTrainingJob ----------------------------------------------------------------------------------------
+
+
+def test_given_moto_sagemaker_when_patched_then_stop_training_job_is_answered_by_the_patch(
+    services: LocalServices,
+):
+    assert SageMakerResponse.stop_training_job is moto_patches._stop_training_job  # type: ignore[attr-defined]
+    job = FakeTrainingJob.__new__(FakeTrainingJob)
+    job.__dict__.update(arn="a", training_job_status="Stopping", billable_time_in_seconds=3)
+    assert (job.response_object["TrainingJobStatus"], job.response_object["BillableTimeInSeconds"]) == (
+        "Stopping",
+        3,
+    )
+
+
+def test_given_running_job_when_stopped_then_sigterm_lets_it_checkpoint_and_it_ends_stopped(
+    services: LocalServices, client: Client, dataset: dict[str, str], wait_for: Callable[..., Any]
+):
+    uri = "s3://artifacts/checkpoints/job-stop/"
+    _create_job(client, "job-stop", "checkpoint_on_sigterm", max_runtime_s=600, checkpoint_uri=uri)
+    run = services._trainings["job-stop"]
+    wait_for(lambda: "training until SIGTERM" in _read(run.log_path))
+
+    client("sagemaker").stop_training_job(TrainingJobName="job-stop")
+    stopping = client("sagemaker").describe_training_job(TrainingJobName="job-stop")
+    job = wait_for(_ended(client, "job-stop"), timeout_s=15)
+
+    assert (stopping["TrainingJobStatus"], stopping["SecondaryStatus"]) == ("Stopping", "Stopping")
+    assert (job["TrainingJobStatus"], job["SecondaryStatus"]) == ("Stopped", "Stopped")
+    assert run.process is not None and run.process.poll() is not None
+    saved = client("s3").get_object(Bucket="artifacts", Key="checkpoints/job-stop/state/step-7/lora.pt")
+    assert saved["Body"].read() == b"weights at step 7"  # the final checkpoint sync ran
+    assert job["TrainingTimeInSeconds"] == job["BillableTimeInSeconds"] >= 0
+
+
+def test_given_trainer_ignoring_sigterm_when_stopped_then_killed_after_the_grace_period(
+    services: LocalServices, client: Client, dataset: dict[str, str], wait_for: Callable[..., Any]
+):
+    services.stop_grace_s = 1.0
+    _create_job(client, "job-stubborn", "stubborn", max_runtime_s=600)
+    run = services._trainings["job-stubborn"]
+    wait_for(lambda: "ignoring SIGTERM" in _read(run.log_path))
+
+    asked = time.monotonic()
+    client("sagemaker").stop_training_job(TrainingJobName="job-stubborn")
+    job = wait_for(_ended(client, "job-stubborn"), timeout_s=15, interval_s=0.05)
+    took = time.monotonic() - asked
+
+    assert job["TrainingJobStatus"] == "Stopped"
+    assert 1.0 <= took < 5.0
+    assert run.process is not None and run.process.returncode == -signal.SIGKILL
+
+
+def test_given_ended_or_unknown_job_when_stopped_then_validation_error_or_not_found(
+    services: LocalServices, client: Client, dataset: dict[str, str], wait_for: Callable[..., Any]
+):
+    _create_job(client, "job-done", "succeed")
+    wait_for(_finished(client, "job-done"))
+
+    with pytest.raises(ClientError) as ended:
+        client("sagemaker").stop_training_job(TrainingJobName="job-done")
+    with pytest.raises(ClientError) as unknown:
+        client("sagemaker").stop_training_job(TrainingJobName="no-such-job")
+
+    assert ended.value.response["Error"]["Code"] == "ValidationException"
+    assert "Completed" in ended.value.response["Error"]["Message"]
+    assert unknown.value.response["Error"]["Code"] == "ResourceNotFound"
+
+
+def test_given_moto_sfn_interpreter_when_patched_then_sync_wait_seam_ends_on_stop(services: LocalServices):
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import (
+        state_task_service_callback as callback,
+    )
+    from moto.stepfunctions.parser.asl.eval.environment import Environment
+
+    StateTaskServiceCallback = callback.StateTaskServiceCallback
+
+    # The SageMaker service overrides `_eval_sync`, whose loop ends once StopExecution has set the state.
+    parameters = list(inspect.signature(StateTaskServiceCallback._eval_sync).parameters)
+    assert parameters == [
+        "self",
+        "env",
+        "sync_resolver",
+        "timeout_seconds",
+        "callback_endpoint",
+        "heartbeat_endpoint",
+    ]
+    assert "while env.is_running():" in inspect.getsource(StateTaskServiceCallback._eval_sync)
+    assert "ProgramStopped(" in inspect.getsource(Environment.set_stop)
+
+
+def test_given_execution_waiting_on_sync_training_when_execution_stopped_then_training_job_stopped(
+    services: LocalServices, client: Client, dataset: dict[str, str], wait_for: Callable[..., Any]
+):
+    sfn = client("stepfunctions")
+    role = client("iam").create_role(RoleName="sfn-role", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    machine = sfn.create_state_machine(name="m", definition=json.dumps(_pipeline("sleep")), roleArn=role)
+    execution = sfn.start_execution(
+        stateMachineArn=machine["stateMachineArn"], name="run-1", input=json.dumps(dataset)
+    )["executionArn"]
+    run = wait_for(lambda: services._trainings.get("loraflow-j1"))
+    wait_for(lambda: run.process is not None and run.process.poll() is None)
+
+    sfn.stop_execution(executionArn=execution, error="Cancelled", cause="asked by the user")
+    stopped_at = time.monotonic()
+    wait_for(lambda: run.process.poll() is not None, timeout_s=10, interval_s=0.05)
+    took = time.monotonic() - stopped_at
+    job = wait_for(_ended(client, "loraflow-j1"), timeout_s=10)
+
+    assert took < 5.0
+    assert (job["TrainingJobStatus"], job["SecondaryStatus"]) == ("Stopped", "Stopped")
+    assert sfn.describe_execution(executionArn=execution)["status"] == "ABORTED"
+
+
+def test_given_sync_training_when_job_completes_then_output_has_training_and_billable_seconds(
+    services: LocalServices, client: Client, dataset: dict[str, str]
+):
+    definition = _pipeline("succeed")
+    definition["States"]["Train"]["ResultSelector"] = {
+        "seconds.$": "$.TrainingTimeInSeconds",
+        "billable.$": "$.BillableTimeInSeconds",
+        "started.$": "$.TrainingStartTime",
+        "ended.$": "$.TrainingEndTime",
+    }
+
+    execution = _run_state_machine(client, definition, dataset)
+
+    assert execution["status"] == "SUCCEEDED", execution
+    training = json.loads(execution["output"])["training"]
+    assert training["seconds"] == training["billable"]  # on demand (and spot, locally): all time is billed
+    assert training["seconds"] == math.ceil((training["ended"] - training["started"]) / 1000)
+
+
+def test_given_job_in_progress_when_described_then_no_end_time_nor_seconds_yet(
+    services: LocalServices, client: Client, dataset: dict[str, str], wait_for: Callable[..., Any]
+):
+    _create_job(client, "job-busy", "checkpoint_on_sigterm", max_runtime_s=600)
+    run = services._trainings["job-busy"]
+    wait_for(lambda: "training until SIGTERM" in _read(run.log_path))
+
+    job = client("sagemaker").describe_training_job(TrainingJobName="job-busy")
+
+    assert job["TrainingJobStatus"] == "InProgress"
+    assert "TrainingStartTime" in job
+    assert not {"TrainingEndTime", "TrainingTimeInSeconds", "BillableTimeInSeconds"} & set(job)
+
+
+def _ended(client: Client, name: str) -> Callable[[], dict[str, Any] | None]:
+    def check() -> dict[str, Any] | None:
+        job: dict[str, Any] = client("sagemaker").describe_training_job(TrainingJobName=name)
+        return job if job["TrainingJobStatus"] not in ("InProgress", "Stopping") else None
+
+    return check

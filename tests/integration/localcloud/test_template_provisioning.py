@@ -75,12 +75,12 @@ def test_given_cloud_up_when_reading_state_dir_then_endpoints_json_matches(cloud
 def test_given_template_when_provisioned_then_dataset_bucket_notifies_the_upload_queue(cloud: LocalCloud):
     s3, sqs = _client(cloud, "s3"), _client(cloud, "sqs")
     configuration = s3.get_bucket_notification_configuration(Bucket=cloud.endpoints["dataset_bucket"])
-    (queue_config,) = configuration["QueueConfigurations"]
-    declared = RESOURCES["DatasetBucket"]["Properties"]["NotificationConfiguration"]["QueueConfigurations"][0]
-    assert queue_config["Events"] == [declared["Event"]]
+    declared = RESOURCES["DatasetBucket"]["Properties"]["NotificationConfiguration"]["QueueConfigurations"]
     queue_url = cloud.deployed["UploadEventsQueue"].ref
     attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
-    assert queue_config["QueueArn"] == attributes["QueueArn"]
+    assert sorted((c["QueueArn"], c["Events"]) for c in configuration["QueueConfigurations"]) == sorted(
+        (attributes["QueueArn"], [item["Event"]]) for item in declared
+    )
     assert attributes["DelaySeconds"] == "3"  # SettleSeconds, locally
     assert attributes["VisibilityTimeout"] == str(
         RESOURCES["UploadEventsQueue"]["Properties"]["VisibilityTimeout"]

@@ -21,7 +21,8 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def cloud(aws_env: None) -> Iterator[Cloud]:
-    with mock_aws():
+    # moto keeps this switch process-wide once a test turns it on: say it, so executions stay RUNNING.
+    with mock_aws(config={"stepfunctions": {"execute_state_machine": False}}):
         yield create_cloud()
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import boto3
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from cfnlint.decode import decode
-from loraflow_shared.jobs.model import Job, JobStatus
+from loraflow_shared.jobs.model import Attempt, Job, JobStatus, execution_name
 from loraflow_shared.jobs.repository import JobRepository
 from PIL import Image
 
@@ -69,6 +69,7 @@ class Cloud:
     topic_arn: str
     inbox_url: str  # an SQS queue subscribed to the notification topic
     state_machine_arn: str
+    upload_queue_url: str  # the ingest function's queue (a retry before validation ended sends to it)
 
     def env(self) -> dict[str, str]:
         return {
@@ -80,6 +81,10 @@ class Cloud:
             "ARTIFACTS_BUCKET": ARTIFACTS_BUCKET,
             "PREVIEW_ENDPOINT_NAME": ENDPOINT_NAME,
             "URL_EXPIRY_SECONDS": "600",
+            "PREVIEW_TIMEOUT_SECONDS": "3600",
+            "CAPACITY_WAIT_SECONDS": "3600",
+            "TRAINING_PRICES_PER_HOUR": "ml.g5.2xlarge=1.515,ml.g5.xlarge=1.408",
+            "UPLOAD_QUEUE_URL": self.upload_queue_url,
         }
 
     def notifications(self) -> list[dict[str, Any]]:
@@ -113,7 +118,8 @@ def create_cloud() -> Cloud:
         definition=json.dumps({"StartAt": "Done", "States": {"Done": {"Type": "Pass", "End": True}}}),
         roleArn=f"arn:aws:iam::{ACCOUNT}:role/loraflow-pipeline",
     )["stateMachineArn"]
-    return Cloud(table, topic_arn, inbox_url, state_machine_arn)
+    upload_queue_url = sqs.create_queue(QueueName="uploads")["QueueUrl"]
+    return Cloud(table, topic_arn, inbox_url, state_machine_arn, upload_queue_url)
 
 
 def upload_dataset(dataset: str, files: dict[str, bytes]) -> None:
@@ -149,8 +155,12 @@ class FakeLambdaContext(LambdaContext):
 
 
 def claim_job(repository: JobRepository, job_id: str, statuses: Iterable[JobStatus], **fields: Any) -> Job:
-    """Claim a job of dataset 0001-dataset (VALIDATING); move it through `statuses` as the pipeline does."""
-    now = repository.now()
+    """Claim a job of dataset 0001-dataset (VALIDATING); move it through `statuses` as the pipeline does
+    (attempt 1 is recorded when it is queued, as ingest does)."""
+    now, statuses = repository.now(), list(statuses)
+    if JobStatus.QUEUED in statuses:
+        first = Attempt(number=1, execution_name=execution_name(job_id, 1), started_at=now)
+        fields = {"attempts": [first], **fields}
     repository.claim(
         Job(
             job_id=job_id,

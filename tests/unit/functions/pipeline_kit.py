@@ -25,6 +25,18 @@ def run(tasks: PipelineTasks, context: FakeLambdaContext, payload: dict[str, Any
     return app.lambda_handler(payload, context, tasks=tasks)
 
 
+def step(action: str, attempt: int = 1, **fields: Any) -> dict[str, Any]:
+    """A state machine payload for the test job's `attempt`."""
+    return {"action": action, "job_id": JOB_ID, "attempt": attempt, **fields}
+
+
+def record_payload(archive_uri: str) -> dict[str, Any]:
+    """`record_training` as the state machine sends it: the `.sync` task's DescribeTrainingJob output."""
+    payload = load_event("sfn_record_training.json")
+    payload["training_job"]["ModelArtifacts"] = {"S3ModelArtifacts": archive_uri}
+    return payload
+
+
 def job_in(repository: JobRepository, status: JobStatus) -> Job:
     return claim_job(
         repository,
@@ -47,7 +59,7 @@ def model_archive(members: dict[str, bytes]) -> str:
             info = tarfile.TarInfo(f"./{name}")
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
-    key = f"training/loraflow-{JOB_ID}/output/model.tar.gz"
+    key = f"training/loraflow-{JOB_ID}-1-1/output/model.tar.gz"
     boto3.client("s3", region_name=REGION).put_object(
         Bucket=ARTIFACTS_BUCKET, Key=key, Body=buffer.getvalue()
     )

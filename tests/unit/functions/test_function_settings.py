@@ -5,6 +5,7 @@ from loraflow_api.settings import ApiSettings
 from loraflow_callback.settings import CallbackSettings
 from loraflow_ingest.settings import IngestSettings
 from loraflow_pipeline.settings import PipelineSettings
+from loraflow_shared.jobs.preview_timing import MAX_PREVIEW_TIMEOUT_S, MIN_PREVIEW_TIMEOUT_S
 from loraflow_shared.settings import EnvSettings, SettingsError
 
 ENV = {
@@ -16,6 +17,10 @@ ENV = {
     "ARTIFACTS_BUCKET": "artifacts",
     "PREVIEW_ENDPOINT_NAME": "preview",
     "URL_EXPIRY_SECONDS": "3600",
+    "PREVIEW_TIMEOUT_SECONDS": "3600",
+    "CAPACITY_WAIT_SECONDS": "21600",
+    "TRAINING_PRICES_PER_HOUR": "ml.g5.2xlarge=1.515",
+    "UPLOAD_QUEUE_URL": "https://sqs.us-east-1.amazonaws.com/123456789012/uploads",
 }
 ALL_SETTINGS: list[type[EnvSettings]] = [IngestSettings, PipelineSettings, CallbackSettings, ApiSettings]
 
@@ -42,3 +47,24 @@ def test_given_missing_jobs_table_when_loaded_then_error_names_the_variable(
 def test_given_malformed_number_when_loaded_then_error_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
         IngestSettings.from_environ(ENV | {name: value})
+
+
+@pytest.mark.parametrize("value", [MIN_PREVIEW_TIMEOUT_S - 1, MAX_PREVIEW_TIMEOUT_S + 1])
+def test_given_preview_timeout_outside_what_async_inference_fits_when_loaded_then_error(value: int) -> None:
+    with pytest.raises(SettingsError, match="PREVIEW_TIMEOUT_SECONDS"):
+        PipelineSettings.from_environ(ENV | {"PREVIEW_TIMEOUT_SECONDS": str(value)})
+
+
+@pytest.mark.parametrize(
+    "value", ["g5.2xlarge=1.5", "ml.g5.2xlarge", "ml.g5.2xlarge=cheap", "ml.g5.xlarge=-1"]
+)
+def test_given_malformed_price_table_when_loaded_then_error_names_the_variable(value: str) -> None:
+    with pytest.raises(SettingsError, match="TRAINING_PRICES_PER_HOUR"):
+        PipelineSettings.from_environ(ENV | {"TRAINING_PRICES_PER_HOUR": value})
+
+
+def test_given_price_table_when_loaded_then_prices_by_instance_type() -> None:
+    settings = PipelineSettings.from_environ(
+        ENV | {"TRAINING_PRICES_PER_HOUR": " ml.g5.xlarge=1.408, ,ml.p4d.24xlarge=37.688"}
+    )
+    assert settings.prices == {"ml.g5.xlarge": 1.408, "ml.p4d.24xlarge": 37.688}

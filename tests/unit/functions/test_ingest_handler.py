@@ -84,10 +84,12 @@ def test_given_settled_valid_dataset_when_ingested_then_queued_and_execution_sta
     assert (job.preview.steps, job.preview.resolution) == (3, 64)
     assert any("zqxj dog" in prompt for prompt in job.preview.prompts)
     [execution] = executions(cloud)
-    assert execution["name"] == job.job_id == job_id_for(DATASET, job.fingerprint)
-    assert execution["executionArn"] == job.execution_arn
+    assert execution["name"] == f"{job.job_id}-1" and job.job_id == job_id_for(DATASET, job.fingerprint)
+    assert execution["executionArn"] == job.execution_arn == job.attempts[0].execution_arn
+    assert (job.attempt, job.validation_warnings) == (1, job.warnings)
     assert json.loads(execution["input"]) == {
         "job_id": job.job_id,
+        "attempt": 1,
         "dataset": DATASET,
         "dataset_s3_uri": f"s3://{DATASET_BUCKET}/{DATASET}/",
         "config_file": "config.toml",

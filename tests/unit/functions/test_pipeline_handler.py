@@ -13,7 +13,7 @@ from loraflow_shared.errors import ErrorCode, Problem
 from loraflow_shared.jobs.model import JobStatus
 from loraflow_shared.jobs.repository import JobRepository
 from moto.sagemakerruntime.models import sagemakerruntime_backends
-from pipeline_kit import JOB_ID, job_in, model_archive, read, run
+from pipeline_kit import JOB_ID, job_in, model_archive, read, record_payload, run, step
 
 
 @pytest.fixture
@@ -30,8 +30,11 @@ def test_given_queued_job_when_training_marked_then_training(
     tasks: PipelineTasks, repository: JobRepository, context: FakeLambdaContext
 ) -> None:
     job_in(repository, JobStatus.QUEUED)
-    assert run(tasks, context, {"action": "mark_training", "job_id": JOB_ID}) == {}
-    assert repository.require(JOB_ID).status is JobStatus.TRAINING
+    assert run(tasks, context, step("mark_training")) == {"training_job_name": f"loraflow-{JOB_ID}-1-1"}
+    assert run(tasks, context, step("mark_training")) == {"training_job_name": f"loraflow-{JOB_ID}-1-1"}
+    job = repository.require(JOB_ID)
+    assert job.status is JobStatus.TRAINING
+    assert job.attempts[0].training_job_names == [f"loraflow-{JOB_ID}-1-1"]  # a retried step names it once
 
 
 def test_given_validating_job_when_training_marked_then_error_named_for_the_state_machine(
@@ -39,7 +42,7 @@ def test_given_validating_job_when_training_marked_then_error_named_for_the_stat
 ) -> None:
     job_in(repository, JobStatus.VALIDATING)
     with pytest.raises(Exception) as raised:
-        run(tasks, context, {"action": "mark_training", "job_id": JOB_ID})
+        run(tasks, context, step("mark_training"))
     assert type(raised.value).__name__ == "INTERNAL_ERROR"
     assert "VALIDATING" in json.loads(str(raised.value))["message"]
 
@@ -50,11 +53,11 @@ def test_given_model_archive_when_training_recorded_then_lora_and_report_copied_
     job_in(repository, JobStatus.TRAINING)
     lora = bytes(range(256)) * 64
     report = {"steps": 2, "final_loss": 0.1875, "seconds": 3.5, "ignored_keys": ["xformers"], "device": "cpu"}
-    payload = load_event("sfn_record_training.json") | {
-        "model_artifacts": model_archive(
+    payload = record_payload(
+        model_archive(
             {"pytorch_lora_weights.safetensors": lora, "training_report.json": json.dumps(report).encode()}
         )
-    }
+    )
 
     result = run(tasks, context, payload)
 
@@ -65,22 +68,24 @@ def test_given_model_archive_when_training_recorded_then_lora_and_report_copied_
     job = repository.require(JOB_ID)
     assert job.training is not None and job.artifacts is not None
     assert (job.training.job_name, job.training.steps, job.training.final_loss) == (
-        f"loraflow-{JOB_ID}",
+        f"loraflow-{JOB_ID}-1-1",
         2,
         0.1875,
     )
     assert job.artifacts.lora_diffusers_s3_uri == result["lora_s3_uri"]
+    # Spot: billed 480 of 1200 s on ml.g5.2xlarge at the stack's 1.515 USD/h.
+    assert job.cost is not None and job.attempts[0].cost == job.cost
+    assert (job.cost.billable_seconds, job.cost.training_seconds, job.cost.spot) == (480, 1200, True)
+    assert job.cost.estimated_usd == round(480 / 3600 * 1.515, 4)
 
 
 def test_given_archive_without_lora_when_training_recorded_then_training_failed(
     tasks: PipelineTasks, repository: JobRepository, context: FakeLambdaContext
 ) -> None:
     job_in(repository, JobStatus.TRAINING)
-    payload = load_event("sfn_record_training.json") | {
-        "model_artifacts": model_archive(
-            {"training_report.json": b'{"steps": 1, "final_loss": 1, "seconds": 1}'}
-        )
-    }
+    payload = record_payload(
+        model_archive({"training_report.json": b'{"steps": 1, "final_loss": 1, "seconds": 1}'})
+    )
     with pytest.raises(Exception) as raised:
         run(tasks, context, payload)
     assert type(raised.value).__name__ == "TRAINING_FAILED"
@@ -92,23 +97,19 @@ def test_given_trained_job_when_previews_requested_then_request_written_and_endp
 ) -> None:
     job_in(repository, JobStatus.TRAINING)
     lora_uri = f"s3://{ARTIFACTS_BUCKET}/jobs/{JOB_ID}/lora/pytorch_lora_weights.safetensors"
-    payload = {
-        "action": "request_previews",
-        "job_id": JOB_ID,
-        "task_token": "token-1",
-        "lora_s3_uri": lora_uri,
-    }
+    payload = step("request_previews", task_token="token-1", lora_s3_uri=lora_uri)
 
     assert run(tasks, context, payload) == {}
 
     job = repository.require(JOB_ID)
     assert (job.status, job.preview_task_token) == (JobStatus.GENERATING_PREVIEWS, "token-1")
-    request_key = f"async-inference/requests/{JOB_ID}.json"
+    request_key = f"async-inference/requests/{JOB_ID}-1.json"
     request = PreviewRequest.model_validate_json(read(request_key))
     assert request.prompts == ["a photo of zqxj dog", "zqxj dog"]
     assert (request.steps, request.resolution, request.seed, request.lora_s3_uri) == (3, 64, 7, lora_uri)
     assert request.clip_skip == 2  # the previews see the text features the LoRA was trained on
     assert request.output_s3_prefix == f"s3://{ARTIFACTS_BUCKET}/jobs/{JOB_ID}/previews/"
+    assert request.cancel_s3_uri == f"s3://{ARTIFACTS_BUCKET}/async-inference/cancelled/{JOB_ID}-1"
     invoked = sagemakerruntime_backends["123456789012"][REGION].async_results[ENDPOINT_NAME]
     assert list(invoked) == [f"s3://{ARTIFACTS_BUCKET}/{request_key}"]
 
@@ -121,7 +122,7 @@ def test_given_previews_rendered_when_completed_then_completed_and_notified_once
         "job_id": JOB_ID,
         "previews": [{"prompt": "zqxj dog", "s3_uri": "s3://a/jobs/x/previews/0.png"}],
     }
-    payload = {"action": "complete", "job_id": JOB_ID, "previews": previews}
+    payload = step("complete", previews=previews)
 
     run(tasks, context, payload)
     run(tasks, context, payload)  # a retried step must not notify twice
@@ -140,10 +141,12 @@ def test_given_training_failure_cause_when_failed_then_failed_with_container_pro
     job_in(repository, JobStatus.TRAINING)
     payload = load_event("sfn_fail_training.json")
 
-    assert run(tasks, context, payload) == {}
+    assert run(tasks, context, payload) == {"status": "FAILED"}
 
     job = repository.require(JOB_ID)
     assert job.status is JobStatus.FAILED
+    assert job.cost is not None and job.cost.billable_seconds == 100  # a failed job was billed too
+    assert job.attempts[0].status is JobStatus.FAILED and job.attempts[0].ended_at is not None
     assert job.errors == [
         Problem(
             code=ErrorCode.UNREADABLE_IMAGE,
@@ -162,13 +165,13 @@ def test_given_completed_job_when_a_late_failure_arrives_then_outcome_kept(
     run(
         tasks,
         context,
-        {"action": "complete", "job_id": JOB_ID, "previews": {"job_id": JOB_ID, "previews": []}},
+        step("complete", previews={"job_id": JOB_ID, "previews": []}),
     )
 
     run(
         tasks,
         context,
-        {"action": "fail", "job_id": JOB_ID, "error": {"Error": "States.Timeout", "Cause": ""}},
+        step("fail", error={"Error": "States.Timeout", "Cause": ""}),
     )
 
     job = repository.require(JOB_ID)
@@ -179,7 +182,7 @@ def test_given_preview_timeout_without_cause_when_failed_then_preview_failed(
     tasks: PipelineTasks, repository: JobRepository, context: FakeLambdaContext
 ) -> None:
     job_in(repository, JobStatus.GENERATING_PREVIEWS)
-    run(tasks, context, {"action": "fail", "job_id": JOB_ID, "error": {"Error": "States.Timeout"}})
+    run(tasks, context, step("fail", error={"Error": "States.Timeout"}))
     [problem] = repository.require(JOB_ID).errors
     assert problem.code is ErrorCode.PREVIEW_FAILED
     assert "States.Timeout" in problem.message
@@ -187,7 +190,12 @@ def test_given_preview_timeout_without_cause_when_failed_then_preview_failed(
 
 @pytest.mark.parametrize(
     "payload",
-    [{"action": "train_harder", "job_id": JOB_ID}, {"action": "mark_training"}, "not an object"],
+    [
+        {"action": "train_harder", "job_id": JOB_ID, "attempt": 1},
+        {"action": "mark_training"},
+        {"action": "mark_training", "job_id": JOB_ID},  # no attempt: a payload of an older definition
+        "not an object",
+    ],
 )
 def test_given_malformed_payload_when_invoked_then_bad_request_error(
     tasks: PipelineTasks, context: FakeLambdaContext, payload: Any

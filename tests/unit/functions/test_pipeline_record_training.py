@@ -7,14 +7,14 @@ from typing import Any
 
 import boto3
 import pytest
-from functions_aws import ARTIFACTS_BUCKET, REGION, Cloud, FakeLambdaContext, load_event
+from functions_aws import ARTIFACTS_BUCKET, REGION, Cloud, FakeLambdaContext
 from loraflow_pipeline.adapters import build_tasks
 from loraflow_pipeline.logic import PipelineTasks
 from loraflow_pipeline.settings import PipelineSettings
 from loraflow_shared.errors import ErrorCode, Problem
 from loraflow_shared.jobs.model import JobStatus
 from loraflow_shared.jobs.repository import JobRepository
-from pipeline_kit import JOB_ID, job_in, model_archive, read, run
+from pipeline_kit import JOB_ID, job_in, model_archive, read, record_payload, run
 
 DIFFUSERS_LORA = b"diffusers-keys" * 100
 KOHYA_LORA = b"kohya-keys" * 100
@@ -44,8 +44,7 @@ def _report(**fields: Any) -> bytes:
 
 
 def _record(tasks: PipelineTasks, context: FakeLambdaContext, members: dict[str, bytes]) -> Any:
-    payload = load_event("sfn_record_training.json") | {"model_artifacts": model_archive(members)}
-    return run(tasks, context, payload)
+    return run(tasks, context, record_payload(model_archive(members)))
 
 
 def _keys(prefix: str) -> set[str]:
@@ -85,7 +84,7 @@ def test_given_report_with_warnings_and_metrics_when_recorded_then_job_has_them_
     assert job.warnings == [VALIDATION_WARNING, Problem(**WEAK), Problem(**ADJUSTED)]
     assert job.training is not None
     assert job.training.model_dump() == {
-        "job_name": f"loraflow-{JOB_ID}",
+        "job_name": f"loraflow-{JOB_ID}-1-1",
         "steps": 40,
         "final_loss": 0.125,
         "seconds": 12.5,

@@ -6,10 +6,15 @@ from datetime import UTC, datetime, timedelta, timezone
 from loraflow_shared.dataset.objects import ObjectInfo
 from loraflow_shared.jobs.model import (
     ALLOWED_TRANSITIONS,
+    RETRYABLE_STATUSES,
     TERMINAL_STATUSES,
     JobStatus,
     dataset_fingerprint,
+    execution_name,
+    inference_id,
+    is_job_id,
     job_id_for,
+    parse_inference_id,
     predecessors,
     timestamp,
     training_job_name,
@@ -40,29 +45,45 @@ def test_given_a_key_moved_between_fields_when_fingerprinted_then_no_collision()
     assert dataset_fingerprint(_objects(("ab", "c", 1))) != dataset_fingerprint(_objects(("a", "bc", 1)))
 
 
-def test_given_dataset_and_fingerprint_when_job_id_derived_then_valid_execution_and_training_job_name() -> (
-    None
-):
+def test_given_dataset_and_fingerprint_when_job_id_derived_then_deterministic_hex() -> None:
     job_id = job_id_for("0001 dataset with spaces", "f" * 64)
-    assert re.fullmatch(r"[0-9a-f]{24}", job_id)
-    assert SFN_EXECUTION_NAME.match(job_id)
-    assert SAGEMAKER_JOB_NAME.match(training_job_name(job_id))
+    assert re.fullmatch(r"[0-9a-f]{24}", job_id) and is_job_id(job_id)
     assert job_id == job_id_for("0001 dataset with spaces", "f" * 64)
     assert job_id != job_id_for("0002", "f" * 64)
 
 
-def test_given_the_state_rules_when_inspected_then_terminal_statuses_lead_nowhere() -> None:
-    for status in JobStatus:
-        assert (not ALLOWED_TRANSITIONS[status]) == (status in TERMINAL_STATUSES)
-
-
-def test_given_failed_when_predecessors_listed_then_every_running_status_may_fail() -> None:
-    assert predecessors(JobStatus.FAILED) == {
-        JobStatus.QUEUED,
-        JobStatus.TRAINING,
-        JobStatus.GENERATING_PREVIEWS,
+def test_given_many_attempts_and_resubmissions_when_named_then_valid_unique_aws_names() -> None:
+    job_id = job_id_for("0001", "f" * 64)
+    names = {
+        training_job_name(job_id, attempt, submission) for attempt in (1, 99) for submission in (1, 9999)
     }
-    assert predecessors(JobStatus.VALIDATING) == set()
+    assert len(names) == 4
+    assert all(SAGEMAKER_JOB_NAME.match(name) and name.startswith("loraflow-") for name in names)
+    assert SFN_EXECUTION_NAME.match(execution_name(job_id, 999))
+    assert execution_name(job_id, 1) != execution_name(job_id, 2)
+
+
+def test_given_inference_ids_when_parsed_then_job_and_attempt_or_none() -> None:
+    job_id = job_id_for("0001", "f" * 64)
+    assert parse_inference_id(inference_id(job_id, 12)) == (job_id, 12)
+    assert parse_inference_id(job_id) == (job_id, 1)  # requests sent before attempts were counted
+    for foreign in ("", "not-ours", f"{job_id}-x", f"{job_id.upper()}-1", "../" + job_id):
+        assert parse_inference_id(foreign) is None
+
+
+def test_given_the_state_rules_when_inspected_then_only_retryable_terminal_statuses_lead_anywhere() -> None:
+    for status in TERMINAL_STATUSES - RETRYABLE_STATUSES:
+        assert not ALLOWED_TRANSITIONS[status]
+    for status in RETRYABLE_STATUSES:
+        assert ALLOWED_TRANSITIONS[status] == {JobStatus.QUEUED, JobStatus.VALIDATING}
+    assert RETRYABLE_STATUSES < TERMINAL_STATUSES
+
+
+def test_given_failed_and_cancelled_when_predecessors_listed_then_every_unfinished_status() -> None:
+    unfinished = {JobStatus.VALIDATING, JobStatus.QUEUED, JobStatus.TRAINING, JobStatus.GENERATING_PREVIEWS}
+    assert predecessors(JobStatus.FAILED) == unfinished
+    assert predecessors(JobStatus.CANCELLED) == unfinished
+    assert predecessors(JobStatus.VALIDATING) == RETRYABLE_STATUSES
 
 
 def test_given_moments_in_other_zones_when_formatted_then_utc_millis_that_sort_as_text() -> None:

@@ -48,6 +48,7 @@ def test_given_report_with_nan_loss_when_validated_then_refused() -> None:
 def test_given_execution_input_when_dumped_and_loaded_then_equal() -> None:
     value = ExecutionInput(
         job_id="abc",
+        attempt=2,
         dataset="ds",
         dataset_s3_uri="s3://datasets/ds/",
         config_file="config.toml",
@@ -90,6 +91,8 @@ def test_given_progress_file_with_extra_keys_when_validated_then_read_and_extras
     assert "lr" not in progress.model_dump()
 
 
-def test_given_job_id_when_checkpoint_location_derived_then_under_the_training_job_name() -> None:
-    assert checkpoint_prefix("abc") == f"checkpoints/{training_job_name('abc')}/"
-    assert progress_key("abc") == "checkpoints/loraflow-abc/progress.json"
+def test_given_job_id_when_checkpoint_location_derived_then_one_per_job_whatever_the_attempt() -> None:
+    # Attempts and resubmissions share it, so each resumes from the last checkpoint.
+    assert checkpoint_prefix("abc") == "checkpoints/abc/"
+    assert training_job_name("abc", 2, 3) not in checkpoint_prefix("abc")
+    assert progress_key("abc") == "checkpoints/abc/progress.json"

@@ -10,22 +10,39 @@ from loraflow_shared.contracts import ExecutionInput
 from template_helpers import ASL_SUBSTITUTION, substitute
 
 LAMBDA_INVOKE = "arn:aws:states:::lambda:invoke"
+# AWS's recommended set for Lambda tasks (Step Functions "Handle Lambda service exceptions"), plus
+# throttling of the invoke itself.
 LAMBDA_TRANSIENT_ERRORS = {
     "Lambda.ServiceException",
     "Lambda.AWSLambdaException",
     "Lambda.SdkClientException",
+    "Lambda.ClientExecutionTimeoutException",
     "Lambda.TooManyRequestsException",
 }
-# Error names Step Functions can actually raise for these tasks (a misspelt name never matches).
-KNOWN_ERROR_NAMES = LAMBDA_TRANSIENT_ERRORS | {
-    "States.ALL",
+# What a training submission that lacked capacity, quota or API rate fails with (jobs.capacity).
+CAPACITY_ERRORS = {
+    "SageMaker.ResourceLimitExceededException",
+    "SageMaker.AmazonSageMakerException",
+    "ThrottlingException",
     "States.TaskFailed",
-    "States.Timeout",
-    "States.HeartbeatTimeout",
-    "States.Permissions",
 }
+# Error names Step Functions can actually raise for these tasks (a misspelt name never matches).
+KNOWN_ERROR_NAMES = (
+    LAMBDA_TRANSIENT_ERRORS
+    | CAPACITY_ERRORS
+    | {"States.ALL", "States.Timeout", "States.HeartbeatTimeout", "States.Permissions"}
+)
 # Paths the pipeline writes into its state (ResultPath); everything else must come from the input.
-WRITTEN_PATHS = {"capacity", "training", "recorded", "previews", "error"}
+WRITTEN_PATHS = {"settings", "run", "training", "recorded", "previews", "error", "outcome"}
+# The states that run no task: they cannot fail except on their own intrinsic functions and paths.
+CONTROL_STATES = {
+    "Settings",
+    "SpotOrOnDemand",
+    "SpotStoppingCondition",
+    "RetryOrFail",
+    "WaitForCapacity",
+    "FailedOrCancelled",
+}
 
 
 def _tasks(asl: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -60,7 +77,7 @@ def _happy_path(asl: dict[str, Any], spot: bool) -> list[str]:
         path.append(name)
         state = asl["States"][name]
         if state["Type"] == "Choice":
-            spot_rules = [c for c in state["Choices"] if c.get("Variable") == "$.capacity.spot"]
+            spot_rules = [c for c in state["Choices"] if c.get("Variable") == "$.settings.spot"]
             assert [c["BooleanEquals"] for c in spot_rules] == [True], name
             name = spot_rules[0]["Next"] if spot else state["Default"]
         else:
@@ -88,15 +105,21 @@ def test_given_substituted_asl_when_parsed_then_valid_json_with_numeric_training
     asl_text: str,
 ) -> None:
     values = {name: f"value-of-{name}" for name in ASL_SUBSTITUTION.findall(asl_text)}
-    values.update(TrainingVolumeSizeGB="50", MaxTrainingSeconds="14400", UseSpotTraining="true")
+    values.update(
+        TrainingVolumeSizeGB="50",
+        MaxTrainingSeconds="14400",
+        UseSpotTraining="true",
+        PreviewTimeoutSeconds="3600",
+    )
 
     definition = substitute(asl_text, values)
     train = definition["States"]["Train"]["Parameters"]
-    capacity = definition["States"]["TrainingCapacity"]["Parameters"]
+    settings = definition["States"]["Settings"]["Parameters"]
 
     assert train["ResourceConfig"]["VolumeSizeInGB.$"] == "States.StringToJson('50')"
-    assert capacity["stopping_condition"]["MaxRuntimeInSeconds.$"] == "States.StringToJson('14400')"
-    assert capacity["spot.$"] == "States.StringToJson('true')"
+    assert settings["stopping_condition"]["MaxRuntimeInSeconds.$"] == "States.StringToJson('14400')"
+    assert settings["spot.$"] == "States.StringToJson('true')"
+    assert settings["preview_timeout_s.$"] == "States.StringToJson('3600')"
 
 
 def test_given_asl_when_transitions_followed_then_every_target_exists_and_every_state_is_reachable(
@@ -120,9 +143,10 @@ def test_given_asl_when_nothing_fails_then_steps_run_in_contract_order(
         for name in steps
         if asl["States"][name].get("Resource", "").startswith(LAMBDA_INVOKE)
     ]
-    capacity = ["TrainingCapacity", "SpotOrOnDemand"] + (["SpotStoppingCondition"] if spot else [])
+    capacity = ["SpotOrOnDemand"] + (["SpotStoppingCondition"] if spot else [])
 
     assert steps == [
+        "Settings",
         "MarkTraining",
         *capacity,
         "Train",
@@ -135,14 +159,14 @@ def test_given_asl_when_nothing_fails_then_steps_run_in_contract_order(
     assert asl["States"]["Succeeded"]["Type"] == "Succeed"
 
 
-def test_given_states_that_cannot_catch_when_listed_then_only_the_capacity_choice(
+def test_given_states_that_cannot_catch_when_listed_then_only_the_control_states(
     asl: dict[str, Any],
 ) -> None:
-    # Pass and Choice states have no Catch: only these may sit outside the MarkFailed safety net,
-    # and they run nothing but intrinsic functions over template parameters.
-    uncaught = {name for name, s in asl["States"].items() if s["Type"] in ("Pass", "Choice")}
+    # Pass, Choice and Wait states have no Catch: only these may sit outside the MarkFailed safety net,
+    # and they run nothing but intrinsic functions over template parameters and task results.
+    uncaught = {name for name, s in asl["States"].items() if s["Type"] in ("Pass", "Choice", "Wait")}
 
-    assert uncaught == {"TrainingCapacity", "SpotOrOnDemand", "SpotStoppingCondition"}
+    assert uncaught == CONTROL_STATES
 
 
 def test_given_any_task_except_mark_failed_when_it_fails_then_caught_into_mark_failed(
@@ -151,37 +175,72 @@ def test_given_any_task_except_mark_failed_when_it_fails_then_caught_into_mark_f
     for name, state in _tasks(asl).items():
         if name == "MarkFailed":
             continue
-        assert state["Catch"] == [
-            {"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "MarkFailed"}
-        ], name
+        assert state["Catch"][-1] == {
+            "ErrorEquals": ["States.ALL"],
+            "ResultPath": "$.error",
+            "Next": "MarkFailed",
+        }, name
+        assert len(state["Catch"]) == (2 if name == "Train" else 1), name
+
+
+def test_given_training_submission_fails_when_caught_then_capacity_loop_back_to_train_or_mark_failed(
+    asl: dict[str, Any],
+) -> None:
+    states = asl["States"]
+    capacity_catch = states["Train"]["Catch"][0]
+    plan = states[capacity_catch["Next"]]
+    choice = states[plan["Next"]]
+    [retry_rule] = choice["Choices"]
+    wait = states[retry_rule["Next"]]
+
+    assert set(capacity_catch["ErrorEquals"]) == CAPACITY_ERRORS
+    assert capacity_catch["ResultPath"] == "$.error"  # MarkFailed reads it when the plan gives up
+    assert plan["Parameters"]["Payload"]["action"] == "plan_training_retry"
+    assert plan["Parameters"]["Payload"]["execution_started_at.$"] == "$$.Execution.StartTime"
+    assert plan["ResultPath"] == "$.run"  # the next submission's name replaces the failed one's
+    assert (retry_rule["Variable"], retry_rule["BooleanEquals"]) == ("$.run.retry", True)
+    assert choice["Default"] == "MarkFailed"
+    assert (wait["Type"], wait["SecondsPath"], wait["Next"]) == ("Wait", "$.run.wait_seconds", "Train")
+    assert states["Train"]["Parameters"]["TrainingJobName.$"] == "$.run.training_job_name"
 
 
 def test_given_mark_failed_when_it_succeeds_or_fails_then_execution_ends_in_fail_state(
     asl: dict[str, Any],
 ) -> None:
-    mark_failed = asl["States"]["MarkFailed"]
-    failed = asl["States"][mark_failed["Next"]]
+    states = asl["States"]
+    mark_failed = states["MarkFailed"]
+    outcome = states[mark_failed["Next"]]
+    [cancelled_rule] = outcome["Choices"]
+    failed = states[outcome["Default"]]
 
     assert mark_failed["Parameters"]["Payload"] == {
         "action": "fail",
         "job_id.$": "$.job_id",
+        "attempt.$": "$.attempt",
         "error.$": "$.error",
     }
-    assert [c["Next"] for c in mark_failed["Catch"]] == [mark_failed["Next"]]
+    assert [c["Next"] for c in mark_failed["Catch"]] == [outcome["Default"]]
     # Its own error must not overwrite the original reason.
     assert all(c["ResultPath"] != "$.error" for c in mark_failed["Catch"])
     assert failed["Type"] == "Fail"
     assert failed["Error"]
     assert failed["Cause"]
+    # A job cancelled while a step was in flight ends the execution without failing it (no alarm).
+    assert (cancelled_rule["Variable"], cancelled_rule["StringEquals"]) == ("$.outcome.status", "CANCELLED")
+    assert states[cancelled_rule["Next"]]["Type"] == "Succeed"
 
 
-def test_given_lambda_tasks_when_retried_then_on_transient_lambda_errors_only(asl: dict[str, Any]) -> None:
+def test_given_lambda_tasks_when_retried_then_on_transient_lambda_errors_as_aws_recommends(
+    asl: dict[str, Any],
+) -> None:
     for name, state in _tasks(asl).items():
         retried = {error for retry in state.get("Retry", []) for error in retry["ErrorEquals"]}
         if state["Resource"].startswith(LAMBDA_INVOKE):
             assert retried == LAMBDA_TRANSIENT_ERRORS, name
+            assert all((r["MaxAttempts"], r["BackoffRate"]) == (6, 2) for r in state["Retry"]), name
         else:
-            assert retried == set(), f"{name}: a failed training job is not retried"
+            # A training job cannot be retried in place: a new submission needs a new name (the loop).
+            assert retried == set(), name
 
 
 def test_given_retry_and_catch_when_error_names_listed_then_all_exist(asl: dict[str, Any]) -> None:
@@ -214,17 +273,17 @@ def test_given_training_step_when_configured_then_dataset_channel_and_contract_h
     (channel,) = parameters["InputDataConfig"]
 
     assert train["Resource"] == "arn:aws:states:::sagemaker:createTrainingJob.sync"
-    assert parameters["TrainingJobName.$"] == "States.Format('loraflow-{}', $.job_id)"
     assert channel["ChannelName"] == "dataset"
     assert channel["DataSource"]["S3DataSource"]["S3Uri.$"] == "$.dataset_s3_uri"
     assert set(parameters["HyperParameters"]) == {"config_file.$", "base_model.$", "job_id.$"}
-    assert parameters["EnableManagedSpotTraining.$"] == "$.capacity.spot"
-    assert parameters["StoppingCondition.$"] == "$.capacity.stopping_condition"
+    assert parameters["EnableManagedSpotTraining.$"] == "$.settings.spot"
+    assert parameters["StoppingCondition.$"] == "$.settings.stopping_condition"
     assert parameters["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
-    assert train["ResultSelector"] == {
-        "training_job_name.$": "$.TrainingJobName",
-        "model_artifacts.$": "$.ModelArtifacts.S3ModelArtifacts",
-    }
+    # The whole DescribeTrainingJob output: record_training reads the billed seconds from it, and
+    # no JSONPath into an optional field can fail the state.
+    assert "ResultSelector" not in train
+    assert train["ResultPath"] == "$.training"
+    assert asl["States"]["RecordTraining"]["Parameters"]["Payload"]["training_job.$"] == "$.training"
 
 
 def test_given_preview_step_when_waiting_then_passes_task_token_and_times_out(asl: dict[str, Any]) -> None:
@@ -232,5 +291,13 @@ def test_given_preview_step_when_waiting_then_passes_task_token_and_times_out(as
 
     assert previews["Resource"] == "arn:aws:states:::lambda:invoke.waitForTaskToken"
     assert previews["Parameters"]["Payload"]["task_token.$"] == "$$.Task.Token"
-    assert 0 < previews["TimeoutSeconds"] <= 3600
+    # The PreviewTimeoutSeconds parameter, which the async request's TTL and timeout are derived from.
+    assert previews["TimeoutSecondsPath"] == "$.settings.preview_timeout_s"
+    assert "TimeoutSeconds" not in previews
     assert previews["ResultPath"] == "$.previews"
+
+
+def test_given_every_lambda_step_when_its_payload_read_then_it_names_the_attempt(asl: dict[str, Any]) -> None:
+    for name, state in _tasks(asl).items():
+        if state["Resource"].startswith(LAMBDA_INVOKE):
+            assert state["Parameters"]["Payload"]["attempt.$"] == "$.attempt", name

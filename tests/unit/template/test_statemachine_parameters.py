@@ -18,34 +18,45 @@ import pytest
 from botocore.validate import ParamValidator
 from loraflow_pipeline.events import ACTION_ADAPTER
 from loraflow_shared.jobs.model import checkpoint_prefix, training_job_name
+from loraflow_shared.jobs.preview_timing import MIN_PREVIEW_TIMEOUT_S
 from moto import mock_aws
 from template_helpers import ASL_PATH, substitute
 
 EXECUTION_INPUT = {
     "job_id": "ds-0123abcd",
+    "attempt": 2,
     "dataset": "cats",
     "dataset_s3_uri": "s3://datasets/cats/",
     "config_file": "config.toml",
     "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
 }
-TRAINING = {
-    "training_job_name": "loraflow-ds-0123abcd",
-    "model_artifacts": "s3://artifacts/training/m.tar.gz",
+RUN = {"training_job_name": training_job_name("ds-0123abcd", 2, 3)}
+SETTINGS = {"spot": True, "stopping_condition": {"MaxRuntimeInSeconds": 14400}, "preview_timeout_s": 3600}
+TRAINING = {  # the .sync task's output: DescribeTrainingJob
+    "TrainingJobName": RUN["training_job_name"],
+    "ModelArtifacts": {"S3ModelArtifacts": "s3://artifacts/training/m.tar.gz"},
+    "ResourceConfig": {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 50},
+    "TrainingTimeInSeconds": 600,
+    "BillableTimeInSeconds": 240,
+    "EnableManagedSpotTraining": True,
 }
 RECORDED = {"lora_s3_uri": "s3://artifacts/jobs/ds-0123abcd/lora/pytorch_lora_weights.safetensors"}
 PREVIEWS = {"job_id": "ds-0123abcd", "previews": [{"prompt": "a cat", "s3_uri": "s3://artifacts/p/0.png"}]}
 ERROR = {"Error": "States.TaskFailed", "Cause": "boom"}
 
 # What each task's state holds when it runs (execution input plus the results written before it).
+BEFORE_TRAINING = {**EXECUTION_INPUT, "settings": SETTINGS, "run": RUN}
 STATE_SEEN_BY: dict[str, dict[str, Any]] = {
-    "MarkTraining": EXECUTION_INPUT,
-    "Train": EXECUTION_INPUT,
-    "RecordTraining": {**EXECUTION_INPUT, "training": TRAINING},
-    "GeneratePreviews": {**EXECUTION_INPUT, "training": TRAINING, "recorded": RECORDED},
-    "Complete": {**EXECUTION_INPUT, "training": TRAINING, "recorded": RECORDED, "previews": PREVIEWS},
-    "MarkFailed": {**EXECUTION_INPUT, "error": ERROR},
+    "MarkTraining": {**EXECUTION_INPUT, "settings": SETTINGS},
+    "Train": BEFORE_TRAINING,
+    "PlanTrainingRetry": {**BEFORE_TRAINING, "error": ERROR},
+    "RecordTraining": {**BEFORE_TRAINING, "training": TRAINING},
+    "GeneratePreviews": {**BEFORE_TRAINING, "training": TRAINING, "recorded": RECORDED},
+    "Complete": {**BEFORE_TRAINING, "training": TRAINING, "recorded": RECORDED, "previews": PREVIEWS},
+    "MarkFailed": {**BEFORE_TRAINING, "error": ERROR},
 }
 FUNCTION_ARN = "arn:aws:lambda:us-east-1:123456789012:function:pipeline"
+JOB = {"job_id": "ds-0123abcd", "attempt": 2}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +78,8 @@ def _substituted(use_spot: str) -> dict[str, Any]:
         "MaxTrainingSeconds": "14400",
         "UseSpotTraining": use_spot,
         "SpotWaitSeconds": "3600",
+        "PreviewTimeoutSeconds": str(MIN_PREVIEW_TIMEOUT_S),
+        "HuggingFaceTokenSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:hf-AbCdEf",
     }
     return substitute(ASL_PATH.read_text(encoding="utf-8"), values)
 
@@ -77,8 +90,10 @@ def definition() -> dict[str, Any]:
 
 
 def _evaluate(client: Any, parameters: dict[str, Any], state: dict[str, Any], name: str) -> Any:
-    # A Pass state has no task token: the context's execution name stands in for it.
-    text = json.dumps(parameters).replace('"$$.Task.Token"', '"$$.Execution.Name"')
+    # A Pass state has no task token, and the start time varies: the execution name stands in for both.
+    text = json.dumps(parameters)
+    for context_path in ('"$$.Task.Token"', '"$$.Execution.StartTime"'):
+        text = text.replace(context_path, '"$$.Execution.Name"')
     machine = {"StartAt": "P", "States": {"P": {"Type": "Pass", "Parameters": json.loads(text), "End": True}}}
     return _execute(client, machine, state, name)
 
@@ -100,14 +115,15 @@ def _execute(client: Any, machine: dict[str, Any], state: dict[str, Any], name: 
 @pytest.mark.parametrize(
     ("task", "payload"),
     [
-        ("MarkTraining", {"action": "mark_training", "job_id": "ds-0123abcd"}),
-        ("RecordTraining", {"action": "record_training", "job_id": "ds-0123abcd", **TRAINING}),
+        ("MarkTraining", {"action": "mark_training", **JOB}),
         (
-            "GeneratePreviews",
-            {"action": "request_previews", "job_id": "ds-0123abcd", "task_token": "token-1", **RECORDED},
+            "PlanTrainingRetry",
+            {"action": "plan_training_retry", **JOB, "error": ERROR, "execution_started_at": "token-1"},
         ),
-        ("Complete", {"action": "complete", "job_id": "ds-0123abcd", "previews": PREVIEWS}),
-        ("MarkFailed", {"action": "fail", "job_id": "ds-0123abcd", "error": ERROR}),
+        ("RecordTraining", {"action": "record_training", **JOB, "training_job": TRAINING}),
+        ("GeneratePreviews", {"action": "request_previews", **JOB, "task_token": "token-1", **RECORDED}),
+        ("Complete", {"action": "complete", **JOB, "previews": PREVIEWS}),
+        ("MarkFailed", {"action": "fail", **JOB, "error": ERROR}),
     ],
 )
 def test_given_state_on_the_way_when_lambda_task_parameters_evaluated_then_payload_matches_contract(
@@ -123,13 +139,14 @@ def test_given_state_on_the_way_when_lambda_task_parameters_evaluated_then_paylo
 
 
 def _training_request(client: Any, definition: dict[str, Any], name: str) -> dict[str, Any]:
-    """Run the real capacity states, then evaluate Train's Parameters (as a Pass) on what they wrote."""
-    states = {
-        n: definition["States"][n] for n in ("TrainingCapacity", "SpotOrOnDemand", "SpotStoppingCondition")
-    }
+    """Run the real Settings and capacity states, then evaluate Train's Parameters (as a Pass) on what
+    they wrote (MarkTraining, between them, only adds `run`)."""
+    states = {n: definition["States"][n] for n in ("SpotOrOnDemand", "SpotStoppingCondition")}
+    settings = {**definition["States"]["Settings"], "Next": "SpotOrOnDemand"}
     train = {"Type": "Pass", "Parameters": definition["States"]["Train"]["Parameters"], "End": True}
-    machine = {"StartAt": "TrainingCapacity", "States": {**states, "Train": train}}
-    request: dict[str, Any] = _execute(client, machine, STATE_SEEN_BY["Train"], name)
+    machine = {"StartAt": "Settings", "States": {"Settings": settings, **states, "Train": train}}
+    state = {**EXECUTION_INPUT, "run": RUN}
+    request: dict[str, Any] = _execute(client, machine, state, name)
     return request
 
 
@@ -138,8 +155,11 @@ def test_given_execution_input_when_training_parameters_evaluated_then_valid_cre
 ) -> None:
     request = _training_request(stepfunctions, definition, "Train")
 
-    # The name the rest of loraflow derives from a job id (and the IAM policy's `loraflow-*`).
-    assert request["TrainingJobName"] == training_job_name("ds-0123abcd")
+    # The name MarkTraining / PlanTrainingRetry allocated (matching the IAM policy's `loraflow-*`).
+    assert request["TrainingJobName"] == training_job_name("ds-0123abcd", 2, 3)
+    assert request["Environment"] == {
+        "HF_TOKEN_SECRET_ARN": "arn:aws:secretsmanager:us-east-1:123456789012:secret:hf-AbCdEf"
+    }
     assert request["ResourceConfig"] == {
         "InstanceType": "ml.g5.2xlarge",
         "InstanceCount": 1,
@@ -192,3 +212,16 @@ def _create_training_job_shape() -> Any:
         .operation_model("CreateTrainingJob")
         .input_shape
     )
+
+
+def test_given_settings_state_when_run_then_preview_timeout_is_a_number_for_timeout_seconds_path(
+    stepfunctions: Any, definition: dict[str, Any]
+) -> None:
+    settings = {**definition["States"]["Settings"], "End": True}
+    settings.pop("Next")
+    machine = {"StartAt": "Settings", "States": {"Settings": settings}}
+
+    output = _execute(stepfunctions, machine, EXECUTION_INPUT, "Settings")
+
+    assert output["settings"]["preview_timeout_s"] == MIN_PREVIEW_TIMEOUT_S
+    assert definition["States"]["GeneratePreviews"]["TimeoutSecondsPath"] == "$.settings.preview_timeout_s"

@@ -5,25 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from loraflow_api.settings import ApiSettings
+from loraflow_callback.settings import CallbackSettings
+from loraflow_ingest.settings import IngestSettings
+from loraflow_pipeline.settings import PipelineSettings
+from loraflow_shared.settings import EnvSettings
 from template_helpers import REPO_ROOT, resources_of_type
 
-# The environment contract: variable names each function's settings model reads.
+# The environment contract: the variables each function's settings model reads (derived, never listed twice).
+SETTINGS_BY_FUNCTION: dict[str, type[EnvSettings]] = {
+    "IngestDatasetFunction": IngestSettings,
+    "PipelineTasksFunction": PipelineSettings,
+    "PreviewCallbackFunction": CallbackSettings,
+    "JobsApiFunction": ApiSettings,
+}
 EXPECTED_ENVIRONMENT = {
-    "IngestDatasetFunction": {
-        "JOBS_TABLE",
-        "NOTIFICATION_TOPIC_ARN",
-        "STATE_MACHINE_ARN",
-        "SETTLE_SECONDS",
-        "DEFAULT_BASE_MODEL",
-    },
-    "PipelineTasksFunction": {
-        "JOBS_TABLE",
-        "NOTIFICATION_TOPIC_ARN",
-        "ARTIFACTS_BUCKET",
-        "PREVIEW_ENDPOINT_NAME",
-    },
-    "PreviewCallbackFunction": {"JOBS_TABLE"},
-    "JobsApiFunction": {"JOBS_TABLE", "ARTIFACTS_BUCKET", "URL_EXPIRY_SECONDS"},
+    function_id: {name.upper() for name in settings.model_fields}
+    for function_id, settings in SETTINGS_BY_FUNCTION.items()
 }
 
 # A variable means the same resource in every function that reads it.
@@ -31,6 +29,7 @@ SHARED_VARIABLE_VALUES = {
     "JOBS_TABLE": {"Ref": "JobsTable"},
     "NOTIFICATION_TOPIC_ARN": {"Ref": "NotificationTopic"},
     "ARTIFACTS_BUCKET": {"Ref": "ArtifactsBucket"},
+    "STATE_MACHINE_ARN": {"Ref": "TrainingPipeline"},
 }
 
 FUNCTION_IDS = sorted(EXPECTED_ENVIRONMENT)
@@ -144,7 +143,7 @@ def test_given_preview_callback_when_subscribed_then_to_both_endpoint_topics(
     assert topics == ["PreviewErrorTopic", "PreviewSuccessTopic"]
 
 
-def test_given_jobs_api_when_routes_listed_then_two_gets_behind_an_api_key(
+def test_given_jobs_api_when_routes_listed_then_reads_and_job_control_behind_an_api_key(
     transformed: dict[str, Any],
 ) -> None:
     swagger = transformed["Resources"]["JobsApi"]["Properties"]["Body"]
@@ -154,7 +153,12 @@ def test_given_jobs_api_when_routes_listed_then_two_gets_behind_an_api_key(
         for method, operation in operations.items()
     }
 
-    assert sorted(routes) == [("/jobs", "get"), ("/jobs/{job_id}", "get")]
+    assert sorted(routes) == [
+        ("/jobs", "get"),
+        ("/jobs/{job_id}", "get"),
+        ("/jobs/{job_id}/cancel", "post"),
+        ("/jobs/{job_id}/retry", "post"),
+    ]
     for operation in routes.values():
         assert operation["security"] == [{"api_key": []}]
         assert operation["x-amazon-apigateway-integration"]["type"] == "aws_proxy"

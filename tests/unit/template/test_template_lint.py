@@ -15,6 +15,7 @@ EXPECTED_OUTPUTS = {
     "ApiUrl",
     "ApiKeyId",
     "NotificationTopicArn",
+    "AlarmTopicArn",
     "StateMachineArn",
     "PreviewEndpointName",
     "JobsTableName",
@@ -28,17 +29,26 @@ def test_given_template_when_linted_with_cfn_lint_then_no_findings() -> None:
     assert [str(match) for match in matches] == []
 
 
+# Optional values whose absence has a meaning (no subscription; the stack creates the role itself).
+OPTIONAL_PARAMETERS = {
+    "NotificationEmail",
+    "AlarmEmail",
+    "ApiGatewayCloudWatchRoleArn",
+    "HuggingFaceTokenSecretArn",
+}
+
+
 def test_given_parameters_when_inspected_then_each_has_a_real_default(template: dict[str, Any]) -> None:
     parameters = template["Parameters"]
-    # Only the optional e-mail may be empty: everything else deploys as is.
+    # Only the optional ones may be empty: everything else deploys as is.
     empty = [
         name
         for name, p in parameters.items()
-        if p.get("Default") in (None, "") and name != "NotificationEmail"
+        if p.get("Default") in (None, "") and name not in OPTIONAL_PARAMETERS
     ]
 
     assert empty == []
-    assert parameters["NotificationEmail"]["Default"] == ""
+    assert {parameters[name]["Default"] for name in OPTIONAL_PARAMETERS} == {""}
 
 
 def test_given_template_when_outputs_listed_then_contract_outputs_present(
@@ -85,7 +95,7 @@ def test_given_preview_endpoint_when_idle_then_it_can_scale_to_zero_and_back(
     target = resources["PreviewEndpointScalableTarget"]["Properties"]
     alarm = resources["PreviewEndpointBacklogAlarm"]["Properties"]
 
-    assert (target["MinCapacity"], target["MaxCapacity"]) == (0, 1)
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (0, {"Ref": "PreviewMaxInstanceCount"})
     assert alarm["MetricName"] == "HasBacklogWithoutCapacity"
     assert alarm["AlarmActions"] == [{"Ref": "PreviewEndpointScaleFromZero"}]
     assert resources["PreviewEndpointScaleFromZero"]["Properties"]["ScalingTargetId"] == {

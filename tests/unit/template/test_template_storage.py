@@ -67,13 +67,18 @@ def test_given_bucket_when_policy_inspected_then_plain_http_is_denied_on_bucket_
     ]
 
 
-def test_given_dataset_bucket_when_objects_created_then_events_go_to_upload_queue_after_its_policy(
+def test_given_dataset_bucket_when_objects_created_or_removed_then_events_go_to_upload_queue_after_its_policy(
     transformed: dict[str, Any],
 ) -> None:
     bucket = transformed["Resources"]["DatasetBucket"]
     queues = bucket["Properties"]["NotificationConfiguration"]["QueueConfigurations"]
+    upload_queue = {"Fn::GetAtt": ["UploadEventsQueue", "Arn"]}
 
-    assert queues == [{"Event": "s3:ObjectCreated:*", "Queue": {"Fn::GetAtt": ["UploadEventsQueue", "Arn"]}}]
+    # Removals too: deleting the offending file of a rejected dataset validates it again.
+    assert queues == [
+        {"Event": "s3:ObjectCreated:*", "Queue": upload_queue},
+        {"Event": "s3:ObjectRemoved:*", "Queue": upload_queue},
+    ]
     # S3 tests delivery when the notification is created: the queue policy must already exist.
     assert "UploadEventsQueuePolicy" in as_list(bucket["DependsOn"])
 

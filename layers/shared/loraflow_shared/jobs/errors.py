@@ -5,10 +5,17 @@ from __future__ import annotations
 from loraflow_shared.errors import ErrorCode, LoraflowError
 from loraflow_shared.jobs.model import JobStatus
 
+ECHO_LIMIT = 64  # an id from a request is echoed at most this long: error bodies never grow with input
+
+
+def echoed(value: str) -> str:
+    """`value` as it may appear in a message: repr'd (control characters escaped) and bounded."""
+    return repr(value if len(value) <= ECHO_LIMIT else value[:ECHO_LIMIT] + "…")
+
 
 class JobNotFound(LoraflowError):
     def __init__(self, job_id: str) -> None:
-        super().__init__(ErrorCode.JOB_NOT_FOUND, f"no job with id {job_id!r}")
+        super().__init__(ErrorCode.JOB_NOT_FOUND, f"no job with id {echoed(job_id)}")
         self.job_id = job_id
 
 
@@ -23,3 +30,28 @@ class InvalidTransition(LoraflowError):
         self.job_id = job_id
         self.current = current
         self.target = target
+
+
+class StaleAttempt(LoraflowError):
+    """A pipeline step of an attempt the job has moved on from (cancelled, then retried)."""
+
+    def __init__(self, job_id: str, attempt: int, current: int) -> None:
+        super().__init__(
+            ErrorCode.INTERNAL_ERROR,
+            f"job {job_id} runs attempt {current}; a step of attempt {attempt} must not change it",
+        )
+        self.job_id = job_id
+        self.attempt = attempt
+        self.current = current
+
+
+class JobStateConflict(LoraflowError):
+    """A request the job's status does not allow (HTTP 409): cancel an ended job, retry a running one."""
+
+    def __init__(self, job_id: str, status: JobStatus, action: str, allowed: str) -> None:
+        super().__init__(
+            ErrorCode.JOB_STATE_CONFLICT,
+            f"job {job_id} is {status.value}: only {allowed} jobs can be {action}",
+        )
+        self.job_id = job_id
+        self.status = status

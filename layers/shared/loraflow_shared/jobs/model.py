@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -21,20 +22,27 @@ class JobStatus(StrEnum):
     GENERATING_PREVIEWS = "GENERATING_PREVIEWS"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
 
 
 TERMINAL_STATUSES: frozenset[JobStatus] = frozenset(
-    {JobStatus.REJECTED, JobStatus.COMPLETED, JobStatus.FAILED}
+    {JobStatus.REJECTED, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
 )
+# Terminal for an attempt, but a retry starts a new attempt from them.
+RETRYABLE_STATUSES: frozenset[JobStatus] = frozenset({JobStatus.FAILED, JobStatus.CANCELLED})
 
 ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.VALIDATING: frozenset({JobStatus.REJECTED, JobStatus.QUEUED}),
-    JobStatus.QUEUED: frozenset({JobStatus.TRAINING, JobStatus.FAILED}),
-    JobStatus.TRAINING: frozenset({JobStatus.GENERATING_PREVIEWS, JobStatus.FAILED}),
-    JobStatus.GENERATING_PREVIEWS: frozenset({JobStatus.COMPLETED, JobStatus.FAILED}),
+    JobStatus.VALIDATING: frozenset(
+        {JobStatus.REJECTED, JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}
+    ),
+    JobStatus.QUEUED: frozenset({JobStatus.TRAINING, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.TRAINING: frozenset({JobStatus.GENERATING_PREVIEWS, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.GENERATING_PREVIEWS: frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}),
     JobStatus.REJECTED: frozenset(),
     JobStatus.COMPLETED: frozenset(),
-    JobStatus.FAILED: frozenset(),
+    # A retry: back to QUEUED (validated before) or VALIDATING (failed before validation finished).
+    JobStatus.FAILED: frozenset({JobStatus.QUEUED, JobStatus.VALIDATING}),
+    JobStatus.CANCELLED: frozenset({JobStatus.QUEUED, JobStatus.VALIDATING}),
 }
 """Status -> the statuses it may move to (architecture.md, "Job states")."""
 
@@ -82,6 +90,37 @@ class Preview(_Record):
     s3_uri: str
 
 
+class Cost(_Record):
+    """What a training job was billed for, as SageMaker reports it, and its estimated price."""
+
+    instance_type: str
+    instance_count: int
+    training_seconds: int
+    # SageMaker's BillableTimeInSeconds: below training_seconds with managed spot (its savings).
+    billable_seconds: int
+    spot: bool
+    # From the stack's price table (a template parameter); None when the type is not in it.
+    price_per_hour_usd: float | None = None
+    estimated_usd: float | None = None
+
+
+class Attempt(_Record):
+    """One run of the pipeline for the job: its own execution and training job name(s)."""
+
+    number: int
+    execution_name: str
+    started_at: str
+    execution_arn: str | None = None
+    # Every training job submitted in this attempt; more than one after capacity retries.
+    training_job_names: list[str] = Field(default_factory=list)
+    capacity_retries: int = 0
+    # The reason of the last capacity retry (quota, spot capacity, throttling), shown while waiting.
+    waiting_reason: str | None = None
+    ended_at: str | None = None
+    status: JobStatus | None = None
+    cost: Cost | None = None
+
+
 class Job(_Record):
     job_id: str
     dataset: str
@@ -99,6 +138,12 @@ class Job(_Record):
     training: TrainingSummary | None = None
     artifacts: Artifacts | None = None
     previews: list[Preview] = Field(default_factory=list)
+    # The attempt now running (or last run); each retry adds one. Older records lack both: attempt 1.
+    attempt: int = 1
+    attempts: list[Attempt] = Field(default_factory=list)
+    # Warnings of validation alone: a retry starts from them again (the trainer's are per attempt).
+    validation_warnings: list[Problem] = Field(default_factory=list)
+    cost: Cost | None = None
     # Internal: the Step Functions task token the preview callback completes. Never exposed by the API.
     preview_task_token: str | None = None
     # Internal: set once the terminal notification went out, so a retried step re-sends a lost one.
@@ -107,6 +152,25 @@ class Job(_Record):
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+    @property
+    def current_attempt(self) -> Attempt | None:
+        return next((a for a in reversed(self.attempts) if a.number == self.attempt), None)
+
+    def attempts_ended(self, status: JobStatus, at: str, cost: Cost | None = None) -> list[Attempt]:
+        """`attempts` with the current one marked as ended in `status` at `at` (with its cost, if known)."""
+        attempt = self.current_attempt
+        if attempt is None:
+            return self.attempts
+        update: dict[str, object] = {"ended_at": at, "status": status}
+        if cost is not None:
+            update["cost"] = cost
+        return self.with_attempt(attempt.model_copy(update=update))
+
+    def with_attempt(self, attempt: Attempt) -> list[Attempt]:
+        """`attempts` with `attempt` replacing the record of the same number (or appended)."""
+        others = [a for a in self.attempts if a.number != attempt.number]
+        return sorted([*others, attempt], key=lambda a: a.number)
 
 
 def timestamp(moment: datetime | None = None) -> str:
@@ -124,34 +188,79 @@ def dataset_fingerprint(objects: Iterable[ObjectInfo]) -> str:
 
 
 JOB_ID_LENGTH = 24
+JOB_ID_PATTERN = re.compile(rf"^[0-9a-f]{{{JOB_ID_LENGTH}}}$")
+
+
+def is_job_id(value: str) -> bool:
+    """Whether `value` can be a job id at all (anything else is unknown without asking DynamoDB)."""
+    return JOB_ID_PATTERN.fullmatch(value) is not None
 
 
 def job_id_for(dataset: str, fingerprint: str) -> str:
     """Deterministic id of one dataset version: 24 lowercase hex chars.
 
-    Valid as a Step Functions execution name and, prefixed by `loraflow-`, as a SageMaker
-    TrainingJobName (`^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$`), so a re-delivered event maps to the same
-    execution and the same training job.
+    A re-delivered event maps to the same job. Executions and training jobs add the attempt (and
+    submission) to it (`execution_name`, `training_job_name`), since AWS never reuses those names.
     """
     return hashlib.sha256(f"{dataset}\n{fingerprint}".encode()).hexdigest()[:JOB_ID_LENGTH]
 
 
-def training_job_name(job_id: str) -> str:
-    return f"loraflow-{job_id}"
+TRAINING_JOB_PREFIX = "loraflow-"
+
+
+def execution_name(job_id: str, attempt: int) -> str:
+    """Each attempt has its own execution: Step Functions keeps names for 90 days."""
+    return f"{job_id}-{attempt}"
+
+
+def training_job_name(job_id: str, attempt: int, submission: int = 1) -> str:
+    """Unique per submission: SageMaker training-job names can never be reused, even after a failure.
+
+    `loraflow-<24 hex>-<attempt>-<submission>` stays within SageMaker's 63 characters.
+    """
+    return f"{TRAINING_JOB_PREFIX}{job_id}-{attempt}-{submission}"
 
 
 PROGRESS_FILENAME = "progress.json"
 
 
 def checkpoint_prefix(job_id: str) -> str:
-    """Key prefix (in the artifacts bucket) of the training job's `CheckpointConfig.S3Uri`.
+    """Key prefix (in the artifacts bucket) of the training jobs' `CheckpointConfig.S3Uri`.
 
-    SageMaker mirrors the container's `/opt/ml/checkpoints` there during training and restores it
-    after a spot interruption; the state machine builds the same URI from the job id.
+    One per job, shared by its attempts and capacity retries: SageMaker mirrors the container's
+    `/opt/ml/checkpoints` there and restores it into each new training job, so a retry resumes from
+    the last checkpoint as after a spot interruption. The state machine builds the same URI.
     """
-    return f"checkpoints/{training_job_name(job_id)}/"
+    return f"checkpoints/{job_id}/"
 
 
 def progress_key(job_id: str) -> str:
     """Where the trainer's `progress.json` lands while the job trains."""
     return checkpoint_prefix(job_id) + PROGRESS_FILENAME
+
+
+ASYNC_INFERENCE_PREFIX = "async-inference/"
+
+
+def inference_id(job_id: str, attempt: int) -> str:
+    """The async endpoint's InferenceId for an attempt's previews: a late result of an earlier attempt
+    can then never complete a later attempt's task."""
+    return f"{job_id}-{attempt}"
+
+
+def parse_inference_id(value: str) -> tuple[str, int] | None:
+    """`(job_id, attempt)` of an `inference_id`; a bare job id (before attempts) is attempt 1."""
+    job_id, _, attempt = value.partition("-")
+    if not is_job_id(job_id) or (attempt and not attempt.isdigit()):
+        return None
+    return job_id, int(attempt or 1)
+
+
+def preview_request_key(inference: str) -> str:
+    return f"{ASYNC_INFERENCE_PREFIX}requests/{inference}.json"
+
+
+def preview_cancel_key(inference: str) -> str:
+    """Written when a job is cancelled while its previews render: the renderer polls for it and stops
+    (SageMaker has no API to cancel an async request)."""
+    return f"{ASYNC_INFERENCE_PREFIX}cancelled/{inference}"

@@ -10,19 +10,19 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import cache
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from boto3.dynamodb.conditions import Key
+from boto3.dynamodb.conditions import Attr, Key
 from pydantic import TypeAdapter
 from pydantic_core import to_jsonable_python
 
 from loraflow_shared.errors import ErrorCode, LoraflowError
-from loraflow_shared.jobs.errors import InvalidTransition, JobNotFound
-from loraflow_shared.jobs.model import Job, JobStatus, predecessors, timestamp
+from loraflow_shared.jobs.errors import InvalidTransition, JobNotFound, StaleAttempt
+from loraflow_shared.jobs.model import TERMINAL_STATUSES, Job, JobStatus, predecessors, timestamp
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
@@ -88,36 +88,60 @@ class JobRepository:
             raise JobNotFound(job_id)
         return job
 
-    def transition(self, job_id: str, to: JobStatus, **fields: Any) -> Job:
-        """Move the job to `to` (allowed predecessors or `to` itself) and set `fields` in the same write."""
-        allowed = sorted(predecessors(to) | {to})
+    def transition(
+        self,
+        job_id: str,
+        to: JobStatus,
+        *,
+        if_attempt: int | None = None,
+        from_statuses: Iterable[JobStatus] | None = None,
+        **fields: Any,
+    ) -> Job:
+        """Move the job to `to` (allowed predecessors or `to` itself) and set `fields` in the same write.
+
+        With `if_attempt`, the write only happens while that attempt is the job's current one, so a late
+        step of a cancelled attempt cannot touch the retry that followed it (`StaleAttempt`).
+        `from_statuses` narrows the statuses it may come from: validation's QUEUED comes only from
+        VALIDATING, a retry's only from FAILED/CANCELLED (both would otherwise allow the other's).
+        """
+        allowed = sorted(_sources(to, from_statuses))
         values = {**_validated_fields(fields), "status": to, "updated_at": self.now()}
         placeholders = ", ".join(f":allowed{i}" for i in range(len(allowed)))
+        condition, extra = _attempt_condition(if_attempt)
         try:
             return self._write(
                 job_id,
                 values,
-                condition=f"attribute_exists(job_id) AND #status IN ({placeholders})",
-                extra_values={f":allowed{i}": status.value for i, status in enumerate(allowed)},
+                condition=f"attribute_exists(job_id) AND #status IN ({placeholders}){condition}",
+                extra_values={**extra, **{f":allowed{i}": status.value for i, status in enumerate(allowed)}},
             )
         except self._conditional_failed:
             current = self.require(job_id)
+            if if_attempt is not None and current.attempt != if_attempt:
+                raise StaleAttempt(job_id, if_attempt, current.attempt) from None
             raise InvalidTransition(job_id, current.status, to) from None
 
-    def update(self, job_id: str, **fields: Any) -> Job:
-        """Set `fields` without changing the status."""
+    def update(self, job_id: str, *, if_attempt: int | None = None, **fields: Any) -> Job:
+        """Set `fields` without changing the status (only while `if_attempt` is current, when given)."""
         values = {**_validated_fields(fields), "updated_at": self.now()}
+        condition, extra = _attempt_condition(if_attempt)
         try:
-            return self._write(job_id, values, condition="attribute_exists(job_id)", extra_values={})
+            return self._write(
+                job_id, values, condition="attribute_exists(job_id)" + condition, extra_values=extra
+            )
         except self._conditional_failed:
-            raise JobNotFound(job_id) from None
+            current = self.require(job_id)
+            if if_attempt is not None:
+                raise StaleAttempt(job_id, if_attempt, current.attempt) from None
+            raise
 
     def _write(
         self, job_id: str, values: dict[str, Any], condition: str, extra_values: dict[str, Any]
     ) -> Job:
         names = {f"#f{i}": name for i, name in enumerate(values)}
-        if "#status" in condition:  # DynamoDB rejects attribute names an expression does not use
-            names["#status"] = "status"
+        for placeholder in ("#status", "#attempt"):  # DynamoDB rejects names an expression does not use
+            if placeholder in condition:
+                names[placeholder] = placeholder[1:]
         expression_values = {f":v{i}": to_dynamo(value) for i, value in enumerate(values.values())}
         response = self._table.update_item(
             Key={"job_id": job_id},
@@ -128,6 +152,19 @@ class JobRepository:
             ReturnValues="ALL_NEW",
         )
         return Job.model_validate(response["Attributes"])
+
+    def unfinished(self) -> list[Job]:
+        """Every job not in a terminal status (a full scan: for operations and the local cloud's restart,
+        never on a request path)."""
+        running = [status.value for status in JobStatus if status not in TERMINAL_STATUSES]
+        jobs: list[Job] = []
+        query: dict[str, Any] = {"FilterExpression": Attr("status").is_in(running)}
+        while True:
+            page = self._table.scan(**query)
+            jobs += [Job.model_validate(item) for item in page.get("Items", [])]
+            if "LastEvaluatedKey" not in page:
+                return jobs
+            query["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     def list_by_dataset(
         self, dataset: str, limit: int = 20, next_token: str | None = None
@@ -145,6 +182,25 @@ class JobRepository:
         jobs = [Job.model_validate(item) for item in response.get("Items", [])]
         last_key = response.get("LastEvaluatedKey")
         return jobs, encode_page_token(last_key) if last_key else None
+
+
+def _sources(to: JobStatus, narrowed: Iterable[JobStatus] | None) -> set[JobStatus]:
+    allowed = set(predecessors(to)) | {to}
+    if narrowed is None:
+        return allowed
+    chosen = set(narrowed)
+    if not chosen <= allowed:
+        raise ValueError(f"{sorted(chosen - allowed)} may never move to {to.value}")
+    return chosen
+
+
+def _attempt_condition(attempt: int | None) -> tuple[str, dict[str, Any]]:
+    """The condition (and its values) that the job still runs `attempt`; records from before attempts
+    were counted have no `attempt` attribute and run attempt 1."""
+    if attempt is None:
+        return "", {}
+    legacy = " OR attribute_not_exists(#attempt)" if attempt == 1 else ""
+    return f" AND (#attempt = :attempt{legacy})", {":attempt": attempt}
 
 
 def encode_page_token(last_evaluated_key: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """A stand-in model server (`serve --port P --host H`): GET /ping, POST /invocations.
 
 An invocation whose JSON body has "fail": true answers 500; otherwise 200 with the body echoed back
-under "echo" plus the request's content type.
+under "echo" plus the request's content type. It prints one line when it listens (its log).
 """
 
 import json
@@ -36,4 +36,5 @@ arguments = sys.argv[1:]
 assert arguments[0] == "serve", arguments
 port = int(arguments[arguments.index("--port") + 1])
 host = arguments[arguments.index("--host") + 1]
+print(f"model server listening on {host}:{port}", flush=True)
 HTTPServer((host, port), Handler).serve_forever()

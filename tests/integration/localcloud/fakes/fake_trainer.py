@@ -1,7 +1,9 @@
 """A stand-in training entrypoint for the runner's contract tests: SageMaker layout in, artifacts out.
 
 The `mode` hyperparameter picks the outcome: succeed, fail (writes the failure file), sleep (runs past
-MaxRuntimeInSeconds), crash (exits 3 without a failure file), checkpoint (below).
+MaxRuntimeInSeconds), crash (exits 3 without a failure file), checkpoint (below), checkpoint_on_sigterm
+(runs until SIGTERM, then saves `state/step-7/` and exits 1, as the real trainer does), stubborn (ignores
+SIGTERM: only SIGKILL ends it).
 
 checkpoint: like a trainer saving state for spot resume. It records what it found in its checkpoint
 folder (`found_checkpoints.json` in the output data), writes `progress.json` and `state/step-1/`,
@@ -12,9 +14,23 @@ makes it exit 3 after that instead of finishing.
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
+
+
+def _save(folder: Path, step: int) -> None:
+    (folder / "state" / f"step-{step}").mkdir(parents=True, exist_ok=True)
+    (folder / "state" / f"step-{step}" / "lora.pt").write_text(f"weights at step {step}")
+    (folder / "progress.json").write_text(json.dumps({"step": step, "total_steps": 2}))
+
+
+def _checkpoint_and_exit(signum, frame):
+    _save(Path(os.environ["SM_CHECKPOINT_DIR"]), 7)
+    print("SIGTERM: checkpoint saved at step 7", flush=True)
+    sys.exit(1)
+
 
 config_dir = Path(os.environ["SM_INPUT_CONFIG_DIR"])
 hyperparameters = json.loads((config_dir / "hyperparameters.json").read_text())
@@ -32,13 +48,14 @@ if mode == "sleep":
 if mode == "crash":
     print("something broke", flush=True)
     sys.exit(3)
-
-
-def _save(folder: Path, step: int) -> None:
-    (folder / "state" / f"step-{step}").mkdir(parents=True, exist_ok=True)
-    (folder / "state" / f"step-{step}" / "lora.pt").write_text(f"weights at step {step}")
-    (folder / "progress.json").write_text(json.dumps({"step": step, "total_steps": 2}))
-
+if mode == "checkpoint_on_sigterm":
+    signal.signal(signal.SIGTERM, _checkpoint_and_exit)
+    print("training until SIGTERM", flush=True)
+    time.sleep(60)
+if mode == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("ignoring SIGTERM", flush=True)
+    time.sleep(60)
 
 if mode == "checkpoint":
     checkpoints = Path(os.environ["SM_CHECKPOINT_DIR"])
