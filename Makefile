@@ -11,7 +11,7 @@ export AWS_DEFAULT_REGION ?= us-east-1
 export AWS_ACCESS_KEY_ID ?= testing
 export AWS_SECRET_ACCESS_KEY ?= testing
 
-.PHONY: install lint test test-unit test-integration demo bench local-up clean
+.PHONY: install lint test test-fast test-unit test-integration demo bench local-up clean
 
 install: $(STAMP) $(SAM_STAMP)
 
@@ -32,6 +32,10 @@ lint: install
 	$(BIN)/mypy layers/shared functions containers localcloud
 	$(BIN)/cfn-lint template.yaml
 	$(SAM_VENV)/bin/sam validate --lint --template-file template.yaml
+
+# Everything but the local cloud and the model runs (markers in pyproject.toml): a quick check while working.
+test-fast: install
+	$(BIN)/pytest -q -m "not integration and not slow" tests
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit

@@ -26,10 +26,14 @@ class StackClient:
         session = boto3.session.Session(
             aws_access_key_id="testing", aws_secret_access_key="testing", region_name=endpoints["region"]
         )
-        url = endpoints["aws_endpoint_url"]
-        self.s3 = session.client("s3", endpoint_url=url)
-        self.sqs = session.client("sqs", endpoint_url=url)
-        self.sns = session.client("sns", endpoint_url=url)
+        self._session = session
+        self.s3 = self.client("s3")
+        self.sqs = self.client("sqs")
+        self.sns = self.client("sns")
+
+    def client(self, service: str) -> Any:
+        """A boto3 client of any service of the stack's cloud (`AWS_ENDPOINT_URL` need not be set)."""
+        return self._session.client(service, endpoint_url=self.endpoints["aws_endpoint_url"])  # type: ignore[call-overload]
 
     def upload_dataset(self, folder: Path, dataset_id: str, seed: int = 0) -> list[str]:
         """Upload every file under `folder` in a shuffled order, as `aws s3 sync` may; return the keys."""

@@ -44,6 +44,7 @@ from loraflow_local.persistence import (
     StateStore,
     port_to_use,
     service_snapshots,
+    write_atomically,
 )
 from loraflow_local.provision import provision
 from loraflow_local.provision_context import ProvisionContext, bucket_name
@@ -166,7 +167,8 @@ class LocalCloud:
             poller.start()
         self._start_routers(ctx, port_to_use(self.api_port, saved.api_port, "--api-port"))
         self.endpoints = self._endpoints(url)
-        self._endpoints_file.write_text(json.dumps(self.endpoints, indent=2) + "\n", encoding="utf-8")
+        # Atomically: scripts poll for the file and read it as soon as it appears.
+        write_atomically(self._endpoints_file, json.dumps(self.endpoints, indent=2) + "\n")
         self._saver = PeriodicSaver(self.save_state, self.save_interval_s)
         self._saver.start()
         self.resume_after_restart(self.restored)

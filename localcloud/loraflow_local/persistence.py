@@ -132,7 +132,7 @@ class StateStore:
                 },
                 "services": sections,
             }
-            _write_atomically(self.state_file, json.dumps(state, indent=1, sort_keys=True))
+            write_atomically(self.state_file, json.dumps(state, indent=1, sort_keys=True))
             self._last = state
             for snapshot in snapshots:
                 snapshot.committed(sections[snapshot.name])
@@ -202,7 +202,7 @@ def port_is_free(port: int | None) -> bool:
     return True
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:

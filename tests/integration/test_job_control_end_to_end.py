@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from loraflow_local.client import StackClient
 from loraflow_local.sample_dataset import write_sample_dataset
@@ -60,16 +59,6 @@ class Session:
             time.sleep(0.3)
         raise AssertionError(f"no {status} job for {dataset}: {listing}")
 
-    def sagemaker(self) -> Any:
-        endpoints = self.client.endpoints
-        return boto3.client(
-            "sagemaker",
-            endpoint_url=endpoints["aws_endpoint_url"],
-            region_name=endpoints["region"],
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-
 
 def _trainer_processes(training_job_name: str) -> list[int]:
     """Local trainer processes of a training job (their working folder carries the job's name)."""
@@ -118,11 +107,15 @@ def test_given_training_job_when_cancelled_then_trainer_stops_and_a_retry_comple
     notice = session.notification(dataset, "CANCELLED")
     assert (notice["job_id"], notice["api_path"]) == (job_id, f"/jobs/{job_id}")
     [name] = cancelled["attempts"][0]["training_job_names"]
-    deadline = time.monotonic() + 30
-    while _trainer_processes(name) and time.monotonic() < deadline:
+    sagemaker = session.client.client("sagemaker")
+    deadline = time.monotonic() + 30  # on AWS: SIGTERM, then SIGKILL 120 s later at the latest
+    while time.monotonic() < deadline and (
+        _trainer_processes(name)
+        or sagemaker.describe_training_job(TrainingJobName=name)["TrainingJobStatus"] == "Stopping"
+    ):
         time.sleep(0.5)
     assert _trainer_processes(name) == []
-    assert session.sagemaker().describe_training_job(TrainingJobName=name)["TrainingJobStatus"] == "Stopped"
+    assert sagemaker.describe_training_job(TrainingJobName=name)["TrainingJobStatus"] == "Stopped"
     assert session.client.api_post(f"/jobs/{job_id}/cancel")[0] == 409
 
     code, retried = session.client.api_post(f"/jobs/{job_id}/retry")

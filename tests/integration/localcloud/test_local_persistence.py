@@ -19,6 +19,7 @@ from typing import Any
 import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
+from loraflow_local.client import StackClient
 from loraflow_local.cloud import LocalCloud
 from loraflow_local.persistence_s3 import S3Snapshot
 
@@ -34,14 +35,7 @@ def _cloud(state: Path, **options: Any) -> LocalCloud:
 
 
 def _client(cloud: LocalCloud, service: str) -> Any:
-    endpoints = cloud.endpoints
-    return boto3.client(  # type: ignore[call-overload]
-        service,
-        endpoint_url=endpoints["aws_endpoint_url"],
-        region_name=endpoints["region"],
-        aws_access_key_id="x",
-        aws_secret_access_key="x",
-    )
+    return StackClient(cloud.endpoints).client(service)
 
 
 def _objects(s3: Any, bucket: str) -> dict[str, tuple[str, str, dict[str, str], bytes]]:

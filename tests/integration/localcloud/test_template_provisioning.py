@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from cfnlint.decode import decode
+from loraflow_local.client import StackClient
 from loraflow_local.cloud import DEFAULT_TEMPLATE, LocalCloud
 
 pytestmark = pytest.mark.integration
@@ -35,14 +35,7 @@ def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCloud]:
 
 
 def _client(cloud: LocalCloud, service: str) -> Any:
-    endpoints = cloud.endpoints
-    return boto3.client(  # type: ignore[call-overload]
-        service,
-        endpoint_url=endpoints["aws_endpoint_url"],
-        region_name=endpoints["region"],
-        aws_access_key_id="x",
-        aws_secret_access_key="x",
-    )
+    return StackClient(cloud.endpoints).client(service)
 
 
 def _get(url: str, api_key: str | None) -> tuple[int, dict[str, Any]]:

@@ -24,6 +24,8 @@ from loraflow_training.checkpointing import (
     restore_global_rng,
 )
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 

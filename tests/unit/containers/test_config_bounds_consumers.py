@@ -15,6 +15,8 @@ from loraflow_training.batching import RandomStreams
 from loraflow_training.effect import MAX_PROMPTS as EFFECT_PROMPTS
 from loraflow_training.train import seed_everything
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 LARGEST_SEEDS = f"seed = {MAX_SEED}\n[loraflow]\npreview_seed = {MAX_SEED}\n".encode()
 
 

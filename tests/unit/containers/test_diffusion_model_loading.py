@@ -13,6 +13,8 @@ from loraflow_diffusion.models import FamilyName, load_pipeline
 from loraflow_shared.errors import ErrorCode, LoraflowError
 from safetensors.torch import save_file
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 CPU = torch.device("cpu")
 
 

@@ -9,6 +9,8 @@ from loraflow_diffusion.tiny import build_tiny_sd, build_tiny_sdxl
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTokenizer
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 WEIGHT_FILES = [
     "unet/diffusion_pytorch_model.safetensors",
     "vae/diffusion_pytorch_model.safetensors",

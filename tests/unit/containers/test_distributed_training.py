@@ -17,6 +17,8 @@ from diffusion_kit import CONFIG_FILE, TrainingRun, make_sagemaker_dirs
 from loraflow_training.report import TrainingReportV2
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 

@@ -16,6 +16,8 @@ from loraflow_inference.handler import PreviewRenderer, render_prompts
 from loraflow_shared.contracts import PreviewRequest
 from loraflow_shared.errors import ErrorCode
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 BUCKET = "artifacts"
 LORA_KEY = "jobs/job-1/lora/pytorch_lora_weights.safetensors"
 CANCEL_KEY = "async-inference/cancelled/job-1-1"

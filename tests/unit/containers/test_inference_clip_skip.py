@@ -12,6 +12,8 @@ from loraflow_diffusion.models import load_pipeline
 from loraflow_diffusion.tiny import build_tiny_sdxl
 from loraflow_inference.handler import render_prompts
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 PROMPT = "ohwx, a red circle"
 STEPS, RESOLUTION, SEED = 2, 64, 5
 

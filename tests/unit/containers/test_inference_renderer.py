@@ -15,6 +15,8 @@ from loraflow_shared.contracts import PreviewRequest
 from loraflow_shared.errors import ErrorCode, LoraflowError
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 BUCKET = "artifacts"
 LORA_URI = f"s3://{BUCKET}/jobs/job-1/lora/pytorch_lora_weights.safetensors"
 PROMPTS = ["ohwx, a red circle", "a photo of sks dog", "sks dog in a garden"]

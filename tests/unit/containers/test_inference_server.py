@@ -15,6 +15,8 @@ from loraflow_inference.server import create_app
 from loraflow_inference.settings import InferenceSettings
 from pydantic import ValidationError
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 BUCKET = "artifacts"
 LORA_KEY = "jobs/job-9/lora/pytorch_lora_weights.safetensors"
 

@@ -34,6 +34,8 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 RANK, ALPHA = 4, 2.0  # alpha != rank: a file or loader that loses alpha renders at twice the strength
 OUTPUT_NAME = "my-lora"
 TARGETS = {

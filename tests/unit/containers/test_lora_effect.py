@@ -14,6 +14,8 @@ from loraflow_training.effect import MAX_PROMPTS, WEAK_LORA_THRESHOLD, EffectRep
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 # The captions the entrypoint's training run used (diffusion_kit's dataset): image captions and defaults.
 TRAINING_PROMPTS = ["ohwx, a red circle", "ohwx", "sks dog, a red circle", "sks dog"]
 STEPS, RESOLUTION, SEED = 4, (64, 64), 0

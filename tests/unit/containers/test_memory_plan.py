@@ -17,6 +17,8 @@ from loraflow_training.memory_plan import (
 )
 from loraflow_training.oom import is_out_of_memory, out_of_memory_error
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 SD15_512 = ("sd15", (512, 512))
 SDXL_1024 = ("sdxl", (1024, 1024))
 

@@ -19,6 +19,8 @@ from loraflow_training.checkpointing import CheckpointStore
 from loraflow_training.report import TrainingReportV2
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 STEPS, EVERY = 16, 4
 LORA_FILE = "pytorch_lora_weights.safetensors"
 

@@ -19,6 +19,8 @@ from loraflow_diffusion.single_file import config_dir_for, save_single_file
 from loraflow_shared.errors import ErrorCode, LoraflowError
 from safetensors.torch import load_file, save_file
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 CPU = torch.device("cpu")
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.")
 # The key by which diffusers (and `families`) recognise an SD 1.x checkpoint.

@@ -18,6 +18,8 @@ from loraflow_diffusion.tiny import build_tiny_sdxl
 from loraflow_shared.errors import ErrorCode, LoraflowError
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 CPU = torch.device("cpu")
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 CLIP_L = "conditioner.embedders.0.transformer.text_model."

@@ -16,6 +16,8 @@ from loraflow_shared.errors import ErrorCode, LoraflowError
 from loraflow_training.data import TrainingData, balanced_reg_repeats, load_training_data
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 # resolution 96 (area 9216), steps 32, 64..160: three buckets, 64x128, 96x96 and 128x64.
 BUCKETED = TrainingConfig(
     resolution=(96, 96), enable_bucket=True, min_bucket_reso=64, max_bucket_reso=160, bucket_reso_steps=32

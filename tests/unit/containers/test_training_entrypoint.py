@@ -20,6 +20,8 @@ from loraflow_training.report import TrainingReportV2
 from PIL import Image
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 
 def _report(run: TrainingRun) -> TrainingReportV2:
     return TrainingReportV2.model_validate_json((run.dirs.model / "training_report.json").read_text())

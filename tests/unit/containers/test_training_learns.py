@@ -65,6 +65,8 @@ from loraflow_diffusion.models import load_pipeline
 from loraflow_diffusion.tiny import build_tiny_sd
 from PIL import Image, ImageDraw
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 Colour = tuple[int, int, int]
 COLOURS: dict[str, Colour] = {
     "red": (220, 40, 40),

@@ -17,6 +17,8 @@ from loraflow_training.train import RunSettings, TrainingOutcome, train_lora
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 BASE = {"resolution": (64, 64), "network_dim": 2, "learning_rate": 1e-2, "seed": 5}
 
 

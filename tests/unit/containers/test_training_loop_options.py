@@ -19,6 +19,8 @@ from loraflow_training.resolve import resolve_run
 from PIL import Image
 from transformers.optimization import Adafactor
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 
 def _groups() -> list[ParamGroup]:
     return [

@@ -11,6 +11,8 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from loraflow_diffusion.families import StableDiffusion15, StableDiffusionXL
 from loraflow_diffusion.tiny import build_tiny_sdxl
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 PROMPTS = ["ohwx", "sks dog, a red circle on a blue square"]
 
 

@@ -23,6 +23,8 @@ from loraflow_training.data import TrainingData, load_training_data
 from loraflow_training.pixels import BACKGROUND, CONVERTED_MODES, to_training_rgb
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 SIDE = 64
 WHITE = np.array(BACKGROUND, dtype=np.uint8)
 

@@ -15,6 +15,8 @@ from loraflow_diffusion.tiny import build_tiny_sdxl
 from loraflow_shared.contracts import TrainingReport
 from loraflow_training.__main__ import main
 
+pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
+
 
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
+import boto3
 import pytest
 from functions_aws import ARTIFACTS_BUCKET, ENDPOINT_NAME, REGION, Cloud, FakeLambdaContext, load_event
 from loraflow_pipeline.adapters import build_tasks
@@ -92,8 +94,25 @@ def test_given_archive_without_lora_when_training_recorded_then_training_failed(
     assert "pytorch_lora_weights.safetensors" in json.loads(str(raised.value))["message"]
 
 
+@pytest.fixture
+def async_invocations(cloud: Cloud) -> Iterator[list[dict[str, Any]]]:
+    """InvokeEndpointAsync requests as they leave boto3 (moto does not keep their timeouts)."""
+    sent: list[dict[str, Any]] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        sent.append(dict(params))
+
+    session = boto3._get_default_session()
+    session.events.register("provide-client-params.sagemaker-runtime.InvokeEndpointAsync", record)
+    yield sent
+    session.events.unregister("provide-client-params.sagemaker-runtime.InvokeEndpointAsync", record)
+
+
 def test_given_trained_job_when_previews_requested_then_request_written_and_endpoint_invoked(
-    tasks: PipelineTasks, repository: JobRepository, context: FakeLambdaContext
+    async_invocations: list[dict[str, Any]],  # first: the handler's client is built after it listens
+    tasks: PipelineTasks,
+    repository: JobRepository,
+    context: FakeLambdaContext,
 ) -> None:
     job_in(repository, JobStatus.TRAINING)
     lora_uri = f"s3://{ARTIFACTS_BUCKET}/jobs/{JOB_ID}/lora/pytorch_lora_weights.safetensors"
@@ -112,6 +131,11 @@ def test_given_trained_job_when_previews_requested_then_request_written_and_endp
     assert request.cancel_s3_uri == f"s3://{ARTIFACTS_BUCKET}/async-inference/cancelled/{JOB_ID}-1"
     invoked = sagemakerruntime_backends["123456789012"][REGION].async_results[ENDPOINT_NAME]
     assert list(invoked) == [f"s3://{ARTIFACTS_BUCKET}/{request_key}"]
+    # PREVIEW_TIMEOUT_SECONDS=3600: the request runs at most 1800 s after queueing at most 1680 s, so the
+    # state machine's wait (3600 s) always outlasts it.
+    [invocation] = async_invocations
+    assert (invocation["InferenceId"], invocation["InvocationTimeoutSeconds"]) == (f"{JOB_ID}-1", 1800)
+    assert invocation["RequestTTLSeconds"] == 3600 - 1800 - 120
 
 
 def test_given_previews_rendered_when_completed_then_completed_and_notified_once(

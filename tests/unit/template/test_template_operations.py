@@ -25,7 +25,6 @@ def _dimensions(alarm: dict[str, Any]) -> dict[str, Any]:
 
 
 OPERATIONS_ALARMS = [
-    ("AWS/SQS", "ApproximateNumberOfMessagesVisible", {"QueueName": "UploadEventsDeadLetterQueue"}),
     ("AWS/States", "ExecutionsFailed", {"StateMachineArn": "TrainingPipeline"}),
     ("AWS/States", "ExecutionsTimedOut", {"StateMachineArn": "TrainingPipeline"}),
     ("AWS/SageMaker", "InvocationFailures", {"EndpointName": "PreviewEndpoint", "VariantName": "AllTraffic"}),
@@ -52,6 +51,26 @@ def test_given_operations_alarm_when_inspected_then_any_occurrence_notifies_the_
     assert alarm["TreatMissingData"] == "notBreaching"
     assert alarm["AlarmActions"] == [ALARM_TOPIC]
     assert alarm["OKActions"] == [ALARM_TOPIC]
+
+
+def test_given_every_dead_letter_queue_when_alarms_listed_then_each_alarms_on_any_message(
+    transformed: dict[str, Any],
+) -> None:
+    queues = resources_of_type(transformed, "AWS::SQS::Queue").values()
+    dead_letter_queues = sorted(
+        queue["Properties"]["RedrivePolicy"]["deadLetterTargetArn"]["Fn::GetAtt"][0]
+        for queue in queues
+        if "RedrivePolicy" in queue["Properties"]
+    )
+    alarms = _alarms_on(transformed, "AWS/SQS", "ApproximateNumberOfMessagesVisible")
+
+    watched = sorted(_dimensions(alarm)["QueueName"]["Fn::GetAtt"][0] for alarm in alarms)
+
+    assert dead_letter_queues == ["PreviewCallbackDeadLetterQueue", "UploadEventsDeadLetterQueue"]
+    assert watched == dead_letter_queues
+    for alarm in alarms:
+        assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (0, "GreaterThanThreshold")
+        assert alarm["AlarmActions"] == alarm["OKActions"] == [ALARM_TOPIC]
 
 
 def test_given_every_function_when_alarms_listed_then_each_has_an_errors_alarm_on_the_alarm_topic(
