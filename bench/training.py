@@ -164,12 +164,17 @@ def _write_dataset(dataset: Path, steps: int, extra: str) -> Path:
 def bare_unet_step_seconds(model: Path) -> float:
     """Forward + backward of the tiny SD UNet with LoRA adapters like the trainer's, batch `BATCH`."""
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
-    from loraflow_training.network import UNET_TARGET_MODULES
+    from loraflow_diffusion.families import family_named
 
     unet = UNet2DConditionModel.from_pretrained(model / "unet")
     unet.requires_grad_(False)
     unet.add_adapter(
-        LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=UNET_TARGET_MODULES)
+        LoraConfig(
+            r=RANK,
+            lora_alpha=RANK,
+            init_lora_weights="gaussian",
+            target_modules=list(family_named("sd15").denoiser_target_modules),
+        )
     )
     unet.train()
     generator = torch.Generator().manual_seed(0)

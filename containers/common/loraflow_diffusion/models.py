@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -40,14 +40,13 @@ from loraflow_diffusion.families import (
     SupportedPipeline,
     family_for_checkpoint_keys,
     family_for_class_name,
+    family_named,
     supported_class_names,
 )
 from loraflow_diffusion.single_file import SINGLE_FILE_SUFFIXES
 
 _MAX_REASON_CHARS = 400  # the whole failure file must fit SageMaker's 1 KiB FailureReason
 
-FamilyName = Literal["sd15", "sdxl"]  # `ModelFamily.name` of the supported families
-_FAMILY_DESCRIPTIONS: dict[str, str] = {"sd15": "an SD 1.x/2.x model", "sdxl": "an SDXL model"}
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +58,8 @@ class _Unloadable(Exception):
 class _FamilyMismatch(Exception):
     """The model is of another family than the caller (the training config) said."""
 
-    def __init__(self, expected: FamilyName, found: ModelFamily) -> None:
-        super().__init__(f"expected {expected}, found {found.name}")
+    def __init__(self, expected: ModelFamily, found: ModelFamily) -> None:
+        super().__init__(f"expected {expected.name}, found {found.name}")
         self.expected, self.found = expected, found
 
 
@@ -70,15 +69,16 @@ def load_pipeline(
     device: torch.device,
     dtype: torch.dtype,
     cache_dir: Path,
-    expect_family: FamilyName | None = None,
+    expect_family: str | None = None,
 ) -> SupportedPipeline:
     """Load `ref` as its family's pipeline on `device`; any failure is one `MODEL_LOAD_FAILED`.
 
-    `expect_family` ("sdxl" when the config says `sdxl = true`, "sd15" when false, None to detect): a model
-    of the other family fails before its weights are loaded.
+    `expect_family`: the name of the family the config says the model is (`claimed_family`), None to
+    detect; a model of another family fails before its weights are loaded.
     """
+    expected = family_named(expect_family) if expect_family is not None else None
     try:
-        pipe = _load(ref, dtype, cache_dir, expect_family)
+        pipe = _load(ref, dtype, cache_dir, expected)
     except _FamilyMismatch as exc:
         raise LoraflowError(ErrorCode.MODEL_LOAD_FAILED, _mismatch_message(ref, exc)) from exc
     except Exception as exc:
@@ -93,21 +93,20 @@ def load_pipeline(
 
 
 def _mismatch_message(ref: str, mismatch: _FamilyMismatch) -> str:
-    said = "true" if mismatch.expected == "sdxl" else "false"
-    fix = "false" if mismatch.expected == "sdxl" else "true"
     return (
-        f"config says sdxl = {said} but {ref!r} is {_FAMILY_DESCRIPTIONS[mismatch.found.name]}:"
-        f" set sdxl = {fix}, or leave sdxl out to detect the model family"
+        f"config says {mismatch.expected.config_claim} but {ref!r} is {mismatch.found.description}:"
+        f" set {mismatch.found.config_claim}, or leave {mismatch.expected.config_key} out to detect the"
+        " model family"
     )
 
 
-def _checked(family: ModelFamily, expect: FamilyName | None) -> ModelFamily:
-    if expect is not None and family.name != expect:
+def _checked(family: ModelFamily, expect: ModelFamily | None) -> ModelFamily:
+    if expect is not None and family.name != expect.name:
         raise _FamilyMismatch(expect, family)
     return family
 
 
-def _load(ref: str, dtype: torch.dtype, cache_dir: Path, expect: FamilyName | None) -> DiffusionPipeline:
+def _load(ref: str, dtype: torch.dtype, cache_dir: Path, expect: ModelFamily | None) -> DiffusionPipeline:
     if ref.startswith("s3://"):
         return _load_local(_fetch_from_s3(ref, cache_dir), dtype, cache_dir, expect)
     path = Path(ref).expanduser()
@@ -123,7 +122,7 @@ def _load(ref: str, dtype: torch.dtype, cache_dir: Path, expect: FamilyName | No
 
 
 def _load_local(
-    path: Path, dtype: torch.dtype, cache_dir: Path, expect: FamilyName | None
+    path: Path, dtype: torch.dtype, cache_dir: Path, expect: ModelFamily | None
 ) -> DiffusionPipeline:
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -135,7 +134,7 @@ def _load_local(
 
 
 def _load_diffusers(
-    ref: str, dtype: torch.dtype, expect: FamilyName | None, **hub_kwargs: Any
+    ref: str, dtype: torch.dtype, expect: ModelFamily | None, **hub_kwargs: Any
 ) -> DiffusionPipeline:
     # model_index.json first: an unsupported family fails before gigabytes of weights are fetched.
     family = _checked(_family_from_model_index(ref, **hub_kwargs), expect)
@@ -154,7 +153,7 @@ def _family_from_model_index(ref: str, **hub_kwargs: Any) -> ModelFamily:
 
 
 def _load_single_file(
-    path: Path, dtype: torch.dtype, cache_dir: Path, expect: FamilyName | None
+    path: Path, dtype: torch.dtype, cache_dir: Path, expect: ModelFamily | None
 ) -> DiffusionPipeline:
     config_dir = single_file.config_dir_for(path)
     if config_dir.is_dir():
@@ -166,7 +165,7 @@ def _load_single_file(
 
 
 def _load_single_file_with_config(
-    path: Path, config_dir: Path, dtype: torch.dtype, expect: FamilyName | None
+    path: Path, config_dir: Path, dtype: torch.dtype, expect: ModelFamily | None
 ) -> DiffusionPipeline:
     """The offline path: the configs beside the checkpoint, not its keys, decide the family and shapes."""
     if not (config_dir / "model_index.json").is_file():
@@ -179,7 +178,7 @@ def _load_single_file_with_config(
 
 
 def _load_single_file_from_hub_config(
-    path: Path, dtype: torch.dtype, cache_dir: Path, expect: FamilyName | None
+    path: Path, dtype: torch.dtype, cache_dir: Path, expect: ModelFamily | None
 ) -> DiffusionPipeline:
     family = _checked(_single_file_family(path), expect)
     try:

@@ -15,15 +15,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
 
 import torch
 from loraflow_diffusion.device import bitsandbytes_available, device_memory_bytes, pick_dtype
-from loraflow_diffusion.families import ModelFamily, SupportedPipeline, family_of
+from loraflow_diffusion.families import ModelFamily, SupportedPipeline, claimed_family, family_of
 from loraflow_diffusion.hub_token import load_hub_token
 from loraflow_diffusion.models import load_pipeline
 from loraflow_diffusion.sagemaker_env import TrainingPaths
-from loraflow_shared.dataset.config import ParsedConfig, TrainingConfig
+from loraflow_shared.dataset.config import ParsedConfig
 from loraflow_shared.errors import ErrorCode, Problem
 
 from loraflow_training.checkpointing import CheckpointIdentity, CheckpointStore
@@ -37,7 +36,7 @@ from loraflow_training.distributed import (
 )
 from loraflow_training.failure import problem_for, write_failure
 from loraflow_training.memory_plan import MemoryPlan, plan_memory
-from loraflow_training.network import TEXT_ENCODER_TARGET_MODULES, UNET_TARGET_MODULES
+from loraflow_training.network import target_modules
 from loraflow_training.oom import is_out_of_memory, out_of_memory_error
 from loraflow_training.progress import ProgressReporter
 from loraflow_training.resolve import applied_config, resolve_run
@@ -73,7 +72,9 @@ def run_training(
     hyperparameters = Hyperparameters.from_paths(paths)
     prepared = prepare_run(paths, hyperparameters)
     config = prepared.parsed.config
-    accelerator = make_accelerator(prepared.pipe.unet.dtype, config.gradient_accumulation_steps)
+    accelerator = make_accelerator(
+        prepared.family.denoiser(prepared.pipe).dtype, config.gradient_accumulation_steps
+    )
     persistence = _persistence(paths, settings, prepared, hyperparameters, accelerator.is_main_process)
     if stop is not None:
         persistence.stop = stop
@@ -132,23 +133,17 @@ def prepare_run(paths: TrainingPaths, hyperparameters: Hyperparameters) -> Prepa
             device=state.device,
             dtype=pick_dtype(state.device, config.mixed_precision),
             cache_dir=paths.model_cache_dir,
-            expect_family=_expected_family(config),
+            expect_family=claimed_family(config.sdxl),
         )
     family = family_of(pipe)
     eight_bit = bitsandbytes_available()
     largest = max((s.bucket for s in data.samples), key=lambda size: size[0] * size[1])
-    plan = plan_memory(config, family.name, largest, device_memory_bytes(state.device), eight_bit)
+    plan = plan_memory(config, family.footprint, largest, device_memory_bytes(state.device), eight_bit)
     run, adjusted = resolve_run(
         config, plan, family, data, processes=state.num_processes, eight_bit_available=eight_bit
     )
     logger.info("memory plan: %s", plan.describe())
     return PreparedRun(parsed, data, pipe, family, plan, run, adjusted, state.num_processes)
-
-
-def _expected_family(config: TrainingConfig) -> Literal["sd15", "sdxl"] | None:
-    if config.sdxl is None:
-        return None
-    return "sdxl" if config.sdxl else "sd15"
 
 
 def _persistence(
@@ -159,7 +154,7 @@ def _persistence(
     is_main: bool,
 ) -> Persistence:
     run = prepared.run
-    targets = UNET_TARGET_MODULES + (TEXT_ENCODER_TARGET_MODULES if run.train_text_encoder else [])
+    targets = target_modules(prepared.family, run.train_text_encoder)
     # A checkpoint of another LoRA, base model or applied config is refused, never silently mixed in.
     identity = CheckpointIdentity.for_run(
         applied_config(prepared.parsed.config, run), hyperparameters.base_model, targets

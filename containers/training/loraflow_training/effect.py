@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from loraflow_diffusion.families import SupportedPipeline
+from loraflow_diffusion.families import SupportedPipeline, family_of
 from loraflow_shared.errors import ErrorCode, Problem
 from pydantic import BaseModel, ConfigDict, computed_field
 
@@ -67,13 +67,14 @@ def lora_effect(
 ) -> EffectReport:
     """Render up to `MAX_PROMPTS` distinct `prompts` with and without the LoRA (same seeds) and compare.
 
-    The pipeline's components are moved to the UNet's device first (training may have moved the frozen
-    encoders off it) and left there; the adapters are enabled again afterwards.
+    The pipeline's components are moved to the pipeline's execution device first (training may have
+    moved the frozen encoders off it) and left there; the adapters are enabled again afterwards.
     """
     chosen = list(dict.fromkeys(prompts))[:MAX_PROMPTS]
     if not chosen:
         raise ValueError("lora_effect needs at least one prompt")
-    pipe.to(pipe.unet.device)
+    device = family_of(pipe).denoiser(pipe).device
+    pipe.to(device)
     with _inference_mode(pipe):
         pipe.disable_lora()
         try:
@@ -97,7 +98,7 @@ def _render(
 ) -> np.ndarray:
     width, height = resolution
     # One generator per prompt, seeded alike for both renders: the only difference is the LoRA.
-    generators = [torch.Generator(pipe.unet.device).manual_seed(seed + i) for i in range(len(prompts))]
+    generators = [torch.Generator(pipe.device).manual_seed(seed + i) for i in range(len(prompts))]
     images = pipe(
         prompts,
         num_inference_steps=steps,

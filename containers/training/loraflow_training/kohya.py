@@ -2,8 +2,10 @@
 
 Keys come from diffusers' `convert_state_dict_to_kohya` (peft `lora_A/lora_B` to `lora_down/lora_up`,
 dots to underscores). What it does not do is hand-written here: it writes every `.alpha` as the rank
-(so a LoRA trained with another alpha would load at the wrong strength), it names the SD 1.x text
-encoder `lora_te1_` where kohya's sd-scripts write `lora_te_`, and it writes no metadata. The `ss_*`
+(so a LoRA trained with another alpha would load at the wrong strength) and it writes no metadata; the
+family's specification renames what its community tools name otherwise (`ModelFamily.kohya_names`: SD
+1.x's single text encoder is sd-scripts' `lora_te_`, not the converter's `lora_te1_`; SDXL's UNet modules
+take sd-scripts' `input_blocks`/`middle_block`/`output_blocks` names). The `ss_*`
 keys follow sd-scripts' `train_network.py`, `modelspec.*` Stability's model spec (which sd-scripts
 also writes); `sshs_model_hash` is sd-scripts' hash of the tensor payload that A1111 and Civitai use.
 """
@@ -23,6 +25,7 @@ from typing import Any
 
 import torch
 from diffusers.utils import convert_state_dict_to_kohya
+from loraflow_diffusion.families.base import ExportFacts
 from loraflow_shared.dataset.config import TrainingConfig
 from loraflow_shared.dataset.layout import Subset, parse_subset_folder
 from loraflow_shared.errors import LoraflowError
@@ -46,9 +49,7 @@ class ComponentLora:
 class BaseModelFacts:
     """What `ss_*`/`modelspec.*` say about the base model and the network trained on it."""
 
-    family: str  # ModelFamily.name: "sd15" or "sdxl"
-    sd_v2: bool  # SD 2.x also loads as the sd15 family
-    v_parameterization: bool
+    model: ExportFacts  # from the family's specification
     network_dim: int
     network_alpha: float
 
@@ -68,8 +69,9 @@ class LoraMetadataInputs:
     reg_subsets: Collection[str] = ()  # which of those folders are regularization (class) subsets
 
 
-def to_kohya_state_dict(loras: Sequence[ComponentLora], family: str) -> dict[str, torch.Tensor]:
-    """kohya keys for every component's LoRA, with each module's own alpha."""
+def to_kohya_state_dict(loras: Sequence[ComponentLora]) -> dict[str, torch.Tensor]:
+    """kohya keys for every component's LoRA, with each module's own alpha, as diffusers' converter names
+    them (the family renames them for its tools: `ModelFamily.kohya_names`)."""
     kohya: dict[str, torch.Tensor] = {}
     for lora in loras:
         for module in _modules(lora):
@@ -80,7 +82,7 @@ def to_kohya_state_dict(loras: Sequence[ComponentLora], family: str) -> dict[str
             # One module at a time: the `.alpha` the converter writes (the rank) is then surely this one's.
             for key, value in convert_state_dict_to_kohya(pair).items():
                 tensor = torch.tensor(lora.alphas[module]) if key.endswith(".alpha") else value
-                kohya[_kohya_prefix(key, family)] = tensor.detach().to("cpu").contiguous()
+                kohya[key] = tensor.detach().to("cpu").contiguous()
     return kohya
 
 
@@ -93,13 +95,6 @@ def _modules(lora: ComponentLora) -> list[str]:
     return modules
 
 
-def _kohya_prefix(key: str, family: str) -> str:
-    # sd-scripts name a single text encoder `lora_te_` and SDXL's two `lora_te1_`/`lora_te2_`.
-    if family != "sdxl" and key.startswith("lora_te1_"):
-        return "lora_te_" + key.removeprefix("lora_te1_")
-    return key
-
-
 def kohya_metadata(inputs: LoraMetadataInputs, base: BaseModelFacts, output_name: str) -> dict[str, str]:
     """sd-scripts' `ss_*` training metadata and the `modelspec.*` keys, all as strings."""
     config = inputs.config
@@ -109,9 +104,9 @@ def kohya_metadata(inputs: LoraMetadataInputs, base: BaseModelFacts, output_name
         "ss_network_module": NETWORK_MODULE,
         "ss_network_dim": base.network_dim,
         "ss_network_alpha": base.network_alpha,
-        "ss_base_model_version": _base_model_version(base),
-        "ss_v2": base.sd_v2,
-        "ss_v_parameterization": base.v_parameterization,
+        "ss_base_model_version": base.model.base_model_version,
+        "ss_v2": base.model.sd_v2,
+        "ss_v_parameterization": base.model.v_parameterization,
         "ss_sd_model_name": sd_model_name(inputs.base_model),
         "ss_output_name": output_name,
         "ss_resolution": str(tuple(config.resolution)),  # sd-scripts: "(width, height)"
@@ -148,33 +143,17 @@ def _config_metadata(config: TrainingConfig) -> dict[str, Any]:
     return {_RENAMED.get(name, f"ss_{name}"): value for name, value in values.items()}
 
 
-def _base_model_version(base: BaseModelFacts) -> str:
-    if base.family == "sdxl":
-        return "sdxl_base_v1-0"
-    return "sd_v2" if base.sd_v2 else "sd_v1"
-
-
 def _modelspec(inputs: LoraMetadataInputs, base: BaseModelFacts, output_name: str) -> dict[str, str]:
     """Stability's model spec 1.0 (as sd-scripts' `sai_model_spec.build_metadata` writes it for a LoRA)."""
-    if base.family == "sdxl":
-        architecture, implementation = (
-            "stable-diffusion-xl-v1-base",
-            "https://github.com/Stability-AI/generative-models",
-        )
-    elif base.sd_v2:
-        architecture = "stable-diffusion-v2-768-v" if base.v_parameterization else "stable-diffusion-v2-512"
-        implementation = "diffusers"
-    else:
-        architecture, implementation = "stable-diffusion-v1", "diffusers"
     width, height = inputs.config.resolution
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{architecture}/lora",
-        "modelspec.implementation": implementation,
+        "modelspec.architecture": f"{base.model.architecture}/lora",
+        "modelspec.implementation": base.model.implementation,
         "modelspec.title": output_name,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": inputs.finished_at.isoformat(timespec="seconds"),
-        "modelspec.prediction_type": "v" if base.v_parameterization else "epsilon",
+        "modelspec.prediction_type": "v" if base.model.v_parameterization else "epsilon",
         "modelspec.trigger_phrase": ", ".join(trigger_words(inputs)),
     }
 

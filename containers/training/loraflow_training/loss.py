@@ -1,6 +1,8 @@
-"""The denoising objective: noise and timesteps to draw, the target to predict, the weighted loss.
+"""The training objective: noise and timesteps to draw, the target to predict, the weighted loss.
 
-kohya's options: `noise_offset` (a per-channel constant added to the noise, so the LoRA can learn
+Which objective a run trains with is the family's (`ModelFamily.objective`); `build_objective` is the one
+place that turns a family's objective specification into the objective. For the DDPM families (SD 1.x/2.x,
+SDXL), kohya's options: `noise_offset` (a per-channel constant added to the noise, so the LoRA can learn
 very dark or bright images), `min_snr_gamma` (Min-SNR weighting, Hang et al. 2023, with diffusers'
 `compute_snr`), and `prior_loss_weight` for regularization images (a per-sample weight).
 """
@@ -15,6 +17,8 @@ import torch.nn.functional as F
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import compute_snr
+from loraflow_diffusion.families import DdpmObjective, ModelFamily
+from loraflow_shared.dataset.config import TrainingConfig
 from loraflow_shared.errors import ErrorCode, LoraflowError
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -101,3 +105,15 @@ class DenoisingObjective:
         snr = self._snr[timesteps]
         clipped = torch.clamp(snr, max=self.min_snr_gamma)
         return clipped / (snr + 1) if self.v_prediction else clipped / snr
+
+
+def build_objective(
+    family: ModelFamily, pipe: DiffusionPipeline, config: TrainingConfig, device: torch.device
+) -> DenoisingObjective:
+    """The objective `family` trains with, set up for `pipe` and the config's loss options."""
+    spec = family.objective
+    if isinstance(spec, DdpmObjective):
+        return DenoisingObjective(
+            noise_scheduler_for(pipe), device, config.noise_offset, config.min_snr_gamma
+        )
+    raise TypeError(f"{family.name}: no training objective for {type(spec).__name__}")

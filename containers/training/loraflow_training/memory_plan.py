@@ -11,7 +11,7 @@ The estimate of the training-phase peak on a CUDA device (bytes), term by term:
   * (4 bytes fp32 master weight + 4 bytes gradient + optimizer state): AdamW 8 (two fp32 moments),
   AdamW8bit 2 (two 8-bit moments; block statistics are negligible), Adafactor ~ 4 / rank (no first
   moment; the second moment of each r x d matrix is factored into r + d floats, and d >> r).
-- Per image of a batch, * ``FRAGMENTATION``: the UNet's activations, measured at the family's reference
+- Per image of a batch, * ``FRAGMENTATION``: the denoiser's activations, measured at the family's reference
   resolution and scaled by area (attention runs as flash/memory-efficient SDPA, linear in tokens) and by
   compute-dtype bytes / 2, with or without gradient checkpointing; the text encoders' when trained;
   VAE encoding when latents are not cached.
@@ -24,9 +24,9 @@ with CUDA + bitsandbytes) → UNet-only training → batch size down to 1. A pla
 says so in ``reasons`` and names the pinned values that cost memory; training is attempted anyway,
 and an out-of-memory failure then reports the plan (``oom.py``).
 
-The numbers assume the trainer's LoRA targets: the attention projections (UNet ``to_q/to_k/to_v/
-to_out.0``; text encoders ``q_proj/k_proj/v_proj/out_proj``). Not counted: cached latents (64 KiB per
-image at 512², twice that with flip_aug), small beside the 10% margin for datasets of hundreds of images.
+Each family's specification carries its ``Footprint`` (measured on its reference model with its LoRA
+targets). Not counted: cached latents (64 KiB per image at 512², twice that with flip_aug), small
+beside the 10% margin for datasets of hundreds of images.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from loraflow_diffusion.families import Footprint
 from loraflow_shared.dataset.config import Optimizer, TrainingConfig
 from pydantic import BaseModel, ConfigDict
 
@@ -48,60 +49,6 @@ PREFERRED_GPU_BATCH_SIZE = 4
 WEIGHT_BYTES = {"no": 4, "fp16": 2, "bf16": 2}  # by mixed_precision: the frozen weights' dtype
 TRAINABLE_BYTES = 4 + 4  # fp32 master weight + fp32 gradient, per trainable (LoRA) parameter
 ADAM_STATE_BYTES: dict[Optimizer, float] = {"AdamW": 8.0, "AdamW8bit": 2.0}
-
-
-@dataclass(frozen=True)
-class FamilyFootprint:
-    """Sizes of one model family. Activation bytes are per image at ``reference_side``², in fp16."""
-
-    unet_params: int
-    text_encoder_params: int  # all text encoders together
-    vae_params: int
-    unet_lora_params_per_rank: int
-    text_encoder_lora_params_per_rank: int
-    vae_upcast: bool  # the VAE runs in fp32 whatever the training dtype
-    reference_side: int
-    unet_activation_bytes: int
-    unet_checkpointed_activation_bytes: int
-    text_encoder_activation_bytes: int  # forward + backward of the text encoders' LoRA, per caption
-    vae_encode_bytes: int  # no-grad encoding, per image
-
-
-# Parameter counts: the published configs (runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-
-# xl-base-1.0: unet/, vae/, text_encoder/, text_encoder_2/ config.json) built with diffusers 0.42 and
-# transformers on PyTorch's meta device and counted; LoRA parameters per rank = Σ (in + out features)
-# of the targeted Linear layers. SD 1.5: UNet 859.5M, CLIP-L 123.1M, VAE 83.7M. SDXL: UNet 2567.5M,
-# CLIP-L + OpenCLIP-bigG 123.1M + 694.7M, VAE 83.7M.
-# Activations: bytes of the tensors alive at the peak of one forward + backward (batch 1 and 2: linear
-# in batch) of those real configs with a rank-16 LoRA, fp16, flash SDPA, tracked by a TorchDispatchMode
-# on the meta device (torch 2.13). Resolution scaling was checked: 512² → 1024² multiplies them by 3.95-4.
-SD15 = FamilyFootprint(
-    unet_params=859_520_964,
-    text_encoder_params=123_060_480,
-    vae_params=83_653_863,
-    unet_lora_params_per_rank=199_296,
-    text_encoder_lora_params_per_rank=73_728,
-    vae_upcast=False,
-    reference_side=512,
-    unet_activation_bytes=790 * MIB,
-    unet_checkpointed_activation_bytes=221 * MIB,
-    text_encoder_activation_bytes=32 * MIB,
-    vae_encode_bytes=320 * MIB,
-)
-SDXL = FamilyFootprint(
-    unet_params=2_567_463_684,
-    text_encoder_params=123_060_480 + 694_659_840,
-    vae_params=83_653_863,
-    unet_lora_params_per_rank=1_451_520,
-    text_encoder_lora_params_per_rank=73_728 + 327_680,
-    vae_upcast=True,
-    reference_side=1024,
-    unet_activation_bytes=5406 * MIB,
-    unet_checkpointed_activation_bytes=523 * MIB,
-    text_encoder_activation_bytes=(32 + 112) * MIB,
-    vae_encode_bytes=1280 * MIB,
-)
-FOOTPRINTS: dict[str, FamilyFootprint] = {"sd15": SD15, "sdxl": SDXL}
 
 
 class MemoryPlan(BaseModel):
@@ -147,7 +94,7 @@ class Knobs:
 class _Job:
     """What the estimate needs besides the knobs."""
 
-    footprint: FamilyFootprint
+    footprint: Footprint
     weight_bytes: int  # per frozen parameter and per activation element (compute dtype)
     network_dim: int
     area_scale: float  # training area / reference area
@@ -158,7 +105,7 @@ class _Job:
 
 def plan_memory(
     config: TrainingConfig,
-    family_name: str,
+    footprint: Footprint,
     resolution: tuple[int, int],
     device_memory_bytes: int | None,
     bitsandbytes_available: bool,
@@ -168,14 +115,12 @@ def plan_memory(
     ``device_memory_bytes`` is the GPU's total memory, None on the CPU; ``bitsandbytes_available``
     means AdamW8bit can run (CUDA and bitsandbytes).
     """
-    if family_name not in FOOTPRINTS:
-        raise ValueError(f"unknown model family {family_name!r}; known: {', '.join(FOOTPRINTS)}")
     on_gpu = device_memory_bytes is not None
     job = _Job(
-        footprint=FOOTPRINTS[family_name],
+        footprint=footprint,
         weight_bytes=WEIGHT_BYTES[config.mixed_precision] if on_gpu else 4,  # the CPU trains in fp32
         network_dim=config.network_dim,
-        area_scale=resolution[0] * resolution[1] / FOOTPRINTS[family_name].reference_side ** 2,
+        area_scale=resolution[0] * resolution[1] / footprint.reference_side**2,
         captions_vary=config.shuffle_caption or config.caption_dropout_rate > 0,
         on_gpu=on_gpu,
         eight_bit_runs=bitsandbytes_available,
@@ -272,16 +217,20 @@ def estimate_breakdown(knobs: Knobs, job: _Job) -> dict[str, int]:
     trains_text = not knobs.train_unet_only
     text_on_device = trains_text or job.captions_vary
     vae_bytes = 4 if fp.vae_upcast else job.weight_bytes
-    frozen = fp.unet_params * job.weight_bytes
+    frozen = fp.denoiser_params * job.weight_bytes
     frozen += fp.text_encoder_params * job.weight_bytes if text_on_device else 0
     frozen += 0 if knobs.cache_latents else fp.vae_params * vae_bytes
     lora_params = job.network_dim * (
-        fp.unet_lora_params_per_rank + (fp.text_encoder_lora_params_per_rank if trains_text else 0)
+        fp.denoiser_lora_params_per_rank + (fp.text_encoder_lora_params_per_rank if trains_text else 0)
     )
     optimizer = knobs.optimizer if job.eight_bit_runs or knobs.optimizer != "AdamW8bit" else "AdamW"
     optimizer_bytes = ADAM_STATE_BYTES.get(optimizer, 4.0 / job.network_dim)  # else Adafactor
     dtype_scale = job.weight_bytes / 2  # activations were measured in fp16
-    unet = fp.unet_checkpointed_activation_bytes if knobs.gradient_checkpointing else fp.unet_activation_bytes
+    unet = (
+        fp.denoiser_checkpointed_activation_bytes
+        if knobs.gradient_checkpointing
+        else fp.denoiser_activation_bytes
+    )
     per_image = unet * job.area_scale * dtype_scale
     per_image += fp.text_encoder_activation_bytes * dtype_scale if trains_text else 0
     per_image += 0 if knobs.cache_latents else fp.vae_encode_bytes * job.area_scale * vae_bytes / 2

@@ -1,7 +1,7 @@
-"""The trained network: LoRA adapters on the UNet (and the text encoders), as one module.
+"""The trained network: LoRA adapters on the denoiser (and the text encoders), as one module.
 
-Targets follow diffusers' LoRA scripts: the UNet's attention projections and the CLIP encoders'
-self-attention projections. `LoraDenoiser` puts text encoding and the UNet behind one `forward`, so
+Targets are the family's (`ModelFamily.denoiser_target_modules`, `.text_encoder_target_modules`), after
+diffusers' LoRA scripts. `LoraDenoiser` puts text encoding and the denoiser behind one `forward`, so
 data-parallel training wraps both and keeps their gradients in sync.
 """
 
@@ -17,42 +17,47 @@ from loraflow_diffusion.families import ModelFamily, Size, TextEmbeddings
 from loraflow_shared.dataset.config import TrainingConfig
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
-UNET_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
-TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 ADAPTER_NAME = "default"  # what `add_adapter` names an adapter when given no name
 
 # Cached text embeddings, or token ids (one tensor per text encoder) to encode in the step.
 TextInput = TextEmbeddings | list[torch.Tensor]
 
 
-def lora_config(config: TrainingConfig, targets: list[str]) -> LoraConfig:
+def lora_config(config: TrainingConfig, targets: Sequence[str]) -> LoraConfig:
     return LoraConfig(
         r=config.network_dim,
         # kohya's alpha may be fractional; peft annotates int but only ever computes alpha / r.
         lora_alpha=config.network_alpha,  # type: ignore[arg-type]
         init_lora_weights="gaussian",
-        target_modules=targets,
+        target_modules=list(targets),
     )
 
 
 def trained_modules(pipe: DiffusionPipeline, family: ModelFamily, train_text: bool) -> dict[str, Any]:
-    """Pipeline attribute name -> module, for every module that gets a LoRA."""
-    names = ("unet", *family.text_encoder_names) if train_text else ("unet",)
+    """Pipeline attribute name -> module, for every module that gets a LoRA (the denoiser first)."""
+    names = family.lora_components() if train_text else (family.denoiser_name,)
     return {name: getattr(pipe, name) for name in names}
+
+
+def target_modules(family: ModelFamily, train_text: bool) -> list[str]:
+    """Every module name the run's LoRA targets (what a checkpoint's identity records)."""
+    text = list(family.text_encoder_target_modules) if train_text else []
+    return [*family.denoiser_target_modules, *text]
 
 
 def add_lora(pipe: DiffusionPipeline, family: ModelFamily, config: TrainingConfig, train_text: bool) -> None:
     """Freeze everything, then add trainable fp32 LoRA adapters (frozen weights may be half precision)."""
-    for name in ("unet", "vae", *family.text_encoder_names):
+    for name in family.frozen_components():
         getattr(pipe, name).requires_grad_(False)
     for name, module in trained_modules(pipe, family, train_text).items():
-        targets = UNET_TARGET_MODULES if name == "unet" else TEXT_ENCODER_TARGET_MODULES
+        is_denoiser = name == family.denoiser_name
+        targets = family.denoiser_target_modules if is_denoiser else family.text_encoder_target_modules
         module.add_adapter(lora_config(config, targets))
         cast_training_params(module, dtype=torch.float32)
 
 
 def enable_gradient_checkpointing(pipe: DiffusionPipeline, family: ModelFamily, train_text: bool) -> None:
-    pipe.unet.enable_gradient_checkpointing()
+    family.denoiser(pipe).enable_gradient_checkpointing()
     if train_text:
         for encoder in family.text_encoders(pipe):
             # Non-reentrant: the encoders' frozen inputs carry no grad, which reentrant checkpoints need.
@@ -85,13 +90,13 @@ class LoraDenoiser(torch.nn.Module):
     def __init__(
         self,
         family: ModelFamily,
-        unet: torch.nn.Module,
+        denoiser: torch.nn.Module,
         text_encoders: Sequence[torch.nn.Module] = (),
         clip_skip: int | None = None,
     ) -> None:
         super().__init__()
         self.family = family
-        self.unet = unet
+        self.denoiser = denoiser
         self.text_encoders = torch.nn.ModuleList(text_encoders)
         self.clip_skip = clip_skip
         self.train_text = any(param.requires_grad for param in self.text_encoders.parameters())
@@ -104,4 +109,4 @@ class LoraDenoiser(torch.nn.Module):
             with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
                 text = self.family.encode_tokens(list(self.text_encoders), text, self.clip_skip)
         cond = self.family.conditioning(text, size)
-        return self.family.predict(self.unet, noisy_latents, timesteps, cond)
+        return self.family.predict(self.denoiser, noisy_latents, timesteps, cond)

@@ -34,7 +34,6 @@ from loraflow_training.report import REPORT_NAME, write_report
 __all__ = ["LORA_WEIGHTS_NAME", "REPORT_NAME", "SavedLora", "save_lora", "trained_loras", "write_report"]
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # pipeline attributes a LoRA may train
 _CLIP_PREFIX = "text_model."
 
 
@@ -42,7 +41,7 @@ _CLIP_PREFIX = "text_model."
 class SavedLora:
     diffusers_file: Path  # pytorch_lora_weights.safetensors
     kohya_file: Path  # <output_name>.safetensors
-    components: tuple[str, ...]  # the pipeline components the LoRA holds, e.g. ("unet", "text_encoder")
+    components: tuple[str, ...]  # the pipeline components the LoRA holds, denoiser first
     metadata: dict[str, str]  # the kohya file's `ss_*`/`modelspec.*` metadata
 
 
@@ -50,11 +49,12 @@ def save_lora(
     model_dir: Path, pipe: DiffusionPipeline, output_name: str, metadata_inputs: LoraMetadataInputs
 ) -> SavedLora:
     """Write the trained LoRA (UNet and any trained text encoders) in diffusers' and kohya's formats."""
+    family = family_of(pipe)
     loras = trained_loras(pipe)
     diffusers_file = save_diffusers_lora(model_dir, pipe, loras)
     metadata = kohya_metadata(metadata_inputs, base_model_facts(pipe, loras), output_name)
     kohya_file = model_dir / f"{output_name}.safetensors"
-    write_kohya_file(kohya_file, to_kohya_state_dict(loras, family_of(pipe).name), metadata)
+    write_kohya_file(kohya_file, family.kohya_names(pipe, to_kohya_state_dict(loras)), metadata)
     return SavedLora(diffusers_file, kohya_file, tuple(lora.name for lora in loras), metadata)
 
 
@@ -79,7 +79,7 @@ def trained_loras(pipe: DiffusionPipeline) -> list[ComponentLora]:
     """Every component of `pipe` that carries a LoRA adapter (one adapter each), in peft's layout."""
     loras = [
         _component_lora(name, module)
-        for name in LORA_COMPONENTS
+        for name in family_of(pipe).lora_components()
         if isinstance(module := getattr(pipe, name, None), torch.nn.Module)
         and getattr(module, "peft_config", None)
     ]
@@ -124,13 +124,11 @@ def _kohya_alpha(layer: LoraLayer, adapter: str) -> float:
 
 
 def base_model_facts(pipe: DiffusionPipeline, loras: Sequence[ComponentLora]) -> BaseModelFacts:
-    # The UNet's rank and alpha are the network's (sd-scripts use one dim/alpha for every component).
-    network = next((lora.adapter_config for lora in loras if lora.name == "unet"), loras[0].adapter_config)
+    # The denoiser's rank and alpha are the network's (sd-scripts use one dim/alpha for every component);
+    # `trained_loras` lists it first.
+    network = loras[0].adapter_config
     return BaseModelFacts(
-        family=family_of(pipe).name,
-        # SD 2.x conditions on OpenCLIP-H (1024 wide); SD 1.x on CLIP-L (768). Both load as "sd15".
-        sd_v2=family_of(pipe).name == "sd15" and pipe.unet.config.cross_attention_dim == 1024,
-        v_parameterization=pipe.scheduler.config.get("prediction_type") == "v_prediction",
+        model=family_of(pipe).export_facts(pipe),
         network_dim=int(network["r"]),
         network_alpha=float(network["lora_alpha"]),
     )

@@ -86,13 +86,13 @@ class TrainingReportV2(TrainingReport):
     epochs: int
     job_id: str
     base_model: str
-    model_family: str  # "sd15" | "sdxl"
+    model_family: str  # `ModelFamily.name`
     device: str
     dtype: str
     processes: int = 1  # data-parallel processes
     config: TrainingConfig  # as applied: the memory plan's and the hardware's choices filled in
     lora_files: list[str]  # in the model dir: pytorch_lora_weights.safetensors, <output_name>.safetensors
-    trained_components: list[str]  # "unet", "text_encoder", "text_encoder_2"
+    trained_components: list[str]  # pipeline attributes, denoiser first: "unet", "text_encoder", ...
     resumed_from_step: int | None = None  # a restart (spot interruption) resumed from this checkpoint
     loss: LossSummary | None
     images: int  # distinct training images, regularization images not included

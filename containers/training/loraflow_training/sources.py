@@ -49,35 +49,27 @@ class TextSource(Protocol):
     def batch(self, shard: Shard) -> TextInput: ...
 
 
-def vae_encode(pipe: DiffusionPipeline, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """uint8 `[N,3,H,W]` images to scaled latents (fp32), sampling the VAE posterior with `generator`."""
-    vae = pipe.vae
-    # SDXL's VAE overflows in fp16 (its config says so): encode in fp32 then.
-    encode_dtype = torch.float32 if getattr(vae.config, "force_upcast", False) else vae.dtype
-    if vae.dtype != encode_dtype:
-        vae.to(dtype=encode_dtype)
-    images = (pixels.float() / 127.5 - 1.0).to(vae.device, encode_dtype)
-    with torch.no_grad():
-        latents = vae.encode(images).latent_dist.sample(generator=generator)
-    return latents.float() * vae.config.scaling_factor
-
-
 class CachedLatents:
     """Every sample's latents (and flipped latents), encoded once, stacked per bucket on the device."""
 
     def __init__(
-        self, pipe: DiffusionPipeline, data: TrainingData, flip_aug: bool, generator: torch.Generator
+        self,
+        pipe: DiffusionPipeline,
+        family: ModelFamily,
+        data: TrainingData,
+        flip_aug: bool,
+        generator: torch.Generator,
     ) -> None:
-        device = pipe.unet.device
+        device = family.denoiser(pipe).device
         self.stacks: dict[Size, torch.Tensor] = {}
         self.flipped: dict[Size, torch.Tensor] = {}
         rows = [0] * len(data.samples)
         for bucket, members in _by_bucket(data).items():
             for row, index in enumerate(members):
                 rows[index] = row
-            self.stacks[bucket] = _encode_all(pipe, data, members, False, generator).to(device)
+            self.stacks[bucket] = _encode_all(pipe, family, data, members, False, generator).to(device)
             if flip_aug:
-                self.flipped[bucket] = _encode_all(pipe, data, members, True, generator).to(device)
+                self.flipped[bucket] = _encode_all(pipe, family, data, members, True, generator).to(device)
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
 
     def batch(self, shard: Shard) -> torch.Tensor:
@@ -92,13 +84,15 @@ class CachedLatents:
 class EncodedLatents:
     """Latents encoded every step (when caching them would not fit): the VAE stays on the device."""
 
-    def __init__(self, pipe: DiffusionPipeline, data: TrainingData, generator: torch.Generator) -> None:
-        self.pipe, self.data, self.generator = pipe, data, generator
+    def __init__(
+        self, pipe: DiffusionPipeline, family: ModelFamily, data: TrainingData, generator: torch.Generator
+    ) -> None:
+        self.pipe, self.family, self.data, self.generator = pipe, family, data, generator
 
     def batch(self, shard: Shard) -> torch.Tensor:
         flips = shard.flips or [False] * len(shard.indices)
         pixels = torch.stack([self.data.pixels(i, flip=f) for i, f in zip(shard.indices, flips, strict=True)])
-        return vae_encode(self.pipe, pixels, self.generator)
+        return self.family.encode_latents(self.pipe, pixels, self.generator)
 
 
 class CachedEmbeddings:
@@ -107,7 +101,7 @@ class CachedEmbeddings:
     def __init__(
         self, pipe: DiffusionPipeline, family: ModelFamily, data: TrainingData, clip_skip: int | None
     ) -> None:
-        device = pipe.unet.device
+        device = family.denoiser(pipe).device
         captions = [sample.caption for sample in data.samples]
         distinct = sorted(set(captions))
         parts = []
@@ -131,7 +125,7 @@ class CachedTokens:
     """Token ids of each sample's (fixed) caption, on the device: the encoders run in the step."""
 
     def __init__(self, pipe: DiffusionPipeline, family: ModelFamily, data: TrainingData) -> None:
-        device = pipe.unet.device
+        device = family.denoiser(pipe).device
         self.ids = [t.to(device) for t in family.tokenize(pipe, [s.caption for s in data.samples])]
 
     def batch(self, shard: Shard) -> TextInput:
@@ -143,7 +137,7 @@ class StepCaptions:
 
     def __init__(self, pipe: DiffusionPipeline, family: ModelFamily) -> None:
         self.pipe, self.family = pipe, family
-        self.device = pipe.unet.device
+        self.device = family.denoiser(pipe).device
 
     def batch(self, shard: Shard) -> TextInput:
         if shard.captions is None:
@@ -169,10 +163,15 @@ def _by_bucket(data: TrainingData) -> dict[Size, list[int]]:
 
 
 def _encode_all(
-    pipe: DiffusionPipeline, data: TrainingData, indices: list[int], flip: bool, generator: torch.Generator
+    pipe: DiffusionPipeline,
+    family: ModelFamily,
+    data: TrainingData,
+    indices: list[int],
+    flip: bool,
+    generator: torch.Generator,
 ) -> torch.Tensor:
     chunks = []
     for start in range(0, len(indices), ENCODE_CHUNK):
         pixels = torch.stack([data.pixels(i, flip=flip) for i in indices[start : start + ENCODE_CHUNK]])
-        chunks.append(vae_encode(pipe, pixels, generator))
+        chunks.append(family.encode_latents(pipe, pixels, generator))
     return torch.cat(chunks)

@@ -30,7 +30,7 @@ from loraflow_shared.errors import ErrorCode, LoraflowError
 from loraflow_training.batching import BatchStream, GlobalBatch, RandomStreams
 from loraflow_training.checkpointing import CheckpointStore, global_rng_state, restore_global_rng
 from loraflow_training.data import TrainingData
-from loraflow_training.loss import DenoisingObjective, NoiseDraw, noise_scheduler_for
+from loraflow_training.loss import DenoisingObjective, NoiseDraw, build_objective
 from loraflow_training.network import (
     LoraDenoiser,
     add_lora,
@@ -111,24 +111,22 @@ def train_lora(
     """Train LoRA adapters on `pipe` in place; only the main process writes (checkpoints, progress)."""
     persistence = persistence or Persistence()
     seed_everything(config.seed)
-    device = pipe.unet.device
+    device = family.denoiser(pipe).device
     randoms = RandomStreams.seeded(config.seed, device)
-    latents = _latent_source(pipe, data, config, run, randoms)
+    latents = _latent_source(pipe, family, data, config, run, randoms)
     text = text_source(pipe, family, data, run.train_text_encoder, run.clip_skip)
     add_lora(pipe, family, config, run.train_text_encoder)
     if run.gradient_checkpointing:
         enable_gradient_checkpointing(pipe, family, run.train_text_encoder)
     _offload_unused(pipe, family, run, text)
     modules = trained_modules(pipe, family, run.train_text_encoder)
-    optimizer = build_optimizer(run.optimizer, _param_groups(modules, config))
+    optimizer = build_optimizer(run.optimizer, _param_groups(modules, family, config))
     lr_schedule = build_lr_scheduler(config, optimizer, run.total_steps)
     encoders = [] if isinstance(text, CachedEmbeddings) else family.text_encoders(pipe)
-    denoiser = LoraDenoiser(family, pipe.unet, encoders, run.clip_skip)
+    denoiser = LoraDenoiser(family, family.denoiser(pipe), encoders, run.clip_skip)
     loop = TrainingLoop(
         denoiser=denoiser,
-        objective=DenoisingObjective(
-            noise_scheduler_for(pipe), device, config.noise_offset, config.min_snr_gamma
-        ),
+        objective=build_objective(family, pipe, config, device),
         latents=latents,
         text=text,
         batches=BatchStream(data, run.batch_size, accelerator, config.seed),
@@ -139,7 +137,7 @@ def train_lora(
         settings=run,
         config=config,
         data=data,
-        latent_shape=(pipe.unet.config.in_channels, pipe.vae_scale_factor),
+        latent_shape=(family.latent_channels(pipe), pipe.vae_scale_factor),
         persistence=persistence,
         modules=modules,
     )
@@ -155,6 +153,7 @@ def seed_everything(seed: int) -> None:
 
 def _latent_source(
     pipe: DiffusionPipeline,
+    family: ModelFamily,
     data: TrainingData,
     config: TrainingConfig,
     run: RunSettings,
@@ -162,13 +161,13 @@ def _latent_source(
 ) -> LatentSource:
     if run.cache_latents:
         # Its own generator: the cache is the same whether or not a run resumes.
-        generator = torch.Generator(device=pipe.unet.device).manual_seed(config.seed)
-        return CachedLatents(pipe, data, config.flip_aug, generator)
-    return EncodedLatents(pipe, data, randoms.noise)  # per-step samples: from the checkpointed stream
+        generator = torch.Generator(device=family.denoiser(pipe).device).manual_seed(config.seed)
+        return CachedLatents(pipe, family, data, config.flip_aug, generator)
+    return EncodedLatents(pipe, family, data, randoms.noise)  # per-step samples: the checkpointed stream
 
 
 def _offload_unused(pipe: DiffusionPipeline, family: ModelFamily, run: RunSettings, text: TextSource) -> None:
-    """What the steps never run again leaves the GPU, for the UNet's sake."""
+    """What the steps never run again leaves the GPU, for the denoiser's sake."""
     unused = []
     if run.cache_latents:
         unused.append("vae")
@@ -178,12 +177,13 @@ def _offload_unused(pipe: DiffusionPipeline, family: ModelFamily, run: RunSettin
         getattr(pipe, name).to("cpu")
 
 
-def _param_groups(modules: dict[str, Any], config: TrainingConfig) -> list[ParamGroup]:
+def _param_groups(modules: dict[str, Any], family: ModelFamily, config: TrainingConfig) -> list[ParamGroup]:
+    # kohya's `unet_lr` is the denoiser's learning rate, whichever kind of network it is.
     return [
         ParamGroup(
             name,
             trainable_parameters(module),
-            config.unet_learning_rate if name == "unet" else config.text_encoder_learning_rate,
+            config.unet_learning_rate if name == family.denoiser_name else config.text_encoder_learning_rate,
         )
         for name, module in modules.items()
     ]

@@ -60,7 +60,8 @@ def _report(
     warnings: list[Problem],
 ) -> TrainingReportV2:
     outcome, data = facts.outcome, facts.data
-    peak_cuda = peak_device_memory_bytes(pipe.unet.device)
+    denoiser = family.denoiser(pipe)
+    peak_cuda = peak_device_memory_bytes(denoiser.device)
     return TrainingReportV2(
         steps=outcome.steps,
         final_loss=outcome.final_loss,
@@ -74,8 +75,8 @@ def _report(
         job_id=facts.hyperparameters.job_id,
         base_model=facts.hyperparameters.base_model,
         model_family=family.name,
-        device=pipe.unet.device.type,
-        dtype=str(pipe.unet.dtype).removeprefix("torch."),
+        device=denoiser.device.type,
+        dtype=str(denoiser.dtype).removeprefix("torch."),
         processes=facts.processes,
         config=config,
         lora_files=[saved.diffusers_file.name, saved.kohya_file.name],

@@ -17,6 +17,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import Stabl
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 from diffusion_kit import render_ohwx
 from loraflow_diffusion.families import SupportedPipeline
+from loraflow_diffusion.families.base import ExportFacts
 from loraflow_diffusion.tiny import build_tiny_sdxl
 from loraflow_shared.dataset.config import TrainingConfig
 from loraflow_training.kohya import (
@@ -218,10 +219,9 @@ def test_given_sdxl_export_when_metadata_read_then_sdxl_base_version(sdxl_export
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
 
 
-def _facts(family: str = "sd15") -> BaseModelFacts:
-    return BaseModelFacts(
-        family=family, sd_v2=False, v_parameterization=False, network_dim=4, network_alpha=2.0
-    )
+def _facts() -> BaseModelFacts:
+    sd1 = ExportFacts("sd_v1", "stable-diffusion-v1", "diffusers", sd_v2=False, v_parameterization=False)
+    return BaseModelFacts(model=sd1, network_dim=4, network_alpha=2.0)
 
 
 def test_given_run_facts_when_metadata_built_then_kohya_values() -> None:
@@ -299,7 +299,7 @@ def test_given_dora_magnitudes_when_converted_then_value_error_names_them() -> N
     )
 
     with pytest.raises(ValueError, match="lora_magnitude_vector"):
-        to_kohya_state_dict([lora], "sd15")
+        to_kohya_state_dict([lora])
 
 
 def test_given_alpha_per_module_when_converted_then_each_alpha_kept() -> None:
@@ -313,7 +313,7 @@ def test_given_alpha_per_module_when_converted_then_each_alpha_kept() -> None:
         alphas={"a.to_q": 1.0, "b.to_k": 8.0},
     )
 
-    kohya = to_kohya_state_dict([lora], "sd15")
+    kohya = to_kohya_state_dict([lora])
 
     assert kohya["lora_unet_a_to_q.alpha"].item() == 1.0
     assert kohya["lora_unet_b_to_k.alpha"].item() == 8.0

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+from loraflow_diffusion.families import family_named
 from loraflow_shared.dataset.config import TrainingConfig
 from loraflow_shared.errors import ErrorCode
 from loraflow_training.memory_plan import (
@@ -31,7 +32,8 @@ def plan(
 ) -> MemoryPlan:
     family, resolution = family_and_resolution
     memory = None if gib is None else int(gib * GIB)
-    return plan_memory(TrainingConfig(**config), family, resolution, memory, bitsandbytes)
+    footprint = family_named(family).footprint
+    return plan_memory(TrainingConfig(**config), footprint, resolution, memory, bitsandbytes)
 
 
 def knobs(result: MemoryPlan) -> dict[str, Any]:

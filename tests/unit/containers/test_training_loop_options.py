@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import compute_snr
-from loraflow_diffusion.families import StableDiffusion15, StableDiffusionXL
+from loraflow_diffusion.families import StableDiffusion15, StableDiffusionXL, family_named
 from loraflow_shared.dataset.config import TrainingConfig
 from loraflow_training.data import load_training_data
 from loraflow_training.loss import DenoisingObjective
@@ -169,7 +169,7 @@ def test_given_max_train_epochs_when_resolved_then_steps_cover_that_many_epochs(
         resolution=(64, 64), max_train_epochs=4, train_batch_size=4, gradient_accumulation_steps=2
     )
     data = load_training_data(ten_images, config)
-    plan = plan_memory(config, "sd15", config.resolution, None, False)
+    plan = plan_memory(config, family_named("sd15").footprint, config.resolution, None, False)
 
     run, adjusted = resolve_run(
         config, plan, StableDiffusion15(), data, processes=1, eight_bit_available=False
@@ -182,7 +182,7 @@ def test_given_max_train_epochs_when_resolved_then_steps_cover_that_many_epochs(
 def test_given_two_processes_when_resolved_then_an_epoch_counts_global_batches(ten_images: Path) -> None:
     config = TrainingConfig(resolution=(64, 64), max_train_epochs=1, train_batch_size=3)
     data = load_training_data(ten_images, config)
-    plan = plan_memory(config, "sd15", config.resolution, None, False)
+    plan = plan_memory(config, family_named("sd15").footprint, config.resolution, None, False)
 
     run, _ = resolve_run(config, plan, StableDiffusion15(), data, processes=2, eight_bit_available=False)
 
@@ -194,7 +194,7 @@ def test_given_clip_skip_and_detected_sdxl_when_resolved_then_ignored_with_a_mes
 ) -> None:
     config = TrainingConfig(resolution=(64, 64), clip_skip=2, optimizer_type="AdamW8bit")
     data = load_training_data(ten_images, config)
-    plan = plan_memory(config, "sdxl", config.resolution, None, False)
+    plan = plan_memory(config, family_named("sdxl").footprint, config.resolution, None, False)
 
     run, adjusted = resolve_run(
         config, plan, StableDiffusionXL(), data, processes=1, eight_bit_available=False
@@ -207,7 +207,7 @@ def test_given_clip_skip_and_detected_sdxl_when_resolved_then_ignored_with_a_mes
 def test_given_save_every_n_steps_when_resolved_then_checkpoints_by_steps_only(ten_images: Path) -> None:
     config = TrainingConfig(resolution=(64, 64), save_every_n_steps=7)
     data = load_training_data(ten_images, config)
-    plan = plan_memory(config, "sd15", config.resolution, None, False)
+    plan = plan_memory(config, family_named("sd15").footprint, config.resolution, None, False)
 
     run, _ = resolve_run(config, plan, StableDiffusion15(), data, processes=1, eight_bit_available=False)
     default_run, _ = resolve_run(
