@@ -133,9 +133,10 @@ def prepare_run(paths: TrainingPaths, hyperparameters: Hyperparameters) -> Prepa
             device=state.device,
             dtype=pick_dtype(state.device, config.mixed_precision),
             cache_dir=paths.model_cache_dir,
-            expect_family=claimed_family(config.sdxl),
+            expect_family=claimed_family(config.sdxl, config.model_family),
         )
     family = family_of(pipe)
+    family.adopt_config(pipe, config)
     eight_bit = bitsandbytes_available()
     largest = max((s.bucket for s in data.samples), key=lambda size: size[0] * size[1])
     plan = plan_memory(config, family.footprint, largest, device_memory_bytes(state.device), eight_bit)

@@ -9,17 +9,21 @@ very dark or bright images), `min_snr_gamma` (Min-SNR weighting, Hang et al. 202
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import compute_snr
-from loraflow_diffusion.families import DdpmObjective, ModelFamily
+from loraflow_diffusion.families import DdpmObjective, FlowMatchingObjective, ModelFamily
 from loraflow_shared.dataset.config import TrainingConfig
 from loraflow_shared.errors import ErrorCode, LoraflowError
+
+from loraflow_training.flow import FlowMatching, FlowSampling
+from loraflow_training.noise import NoiseDraw
+
+__all__ = ["DenoisingObjective", "NoiseDraw", "Objective", "build_objective", "noise_scheduler_for"]
 
 SUPPORTED_PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -34,19 +38,6 @@ def noise_scheduler_for(pipe: DiffusionPipeline) -> DDPMScheduler:
             f"the base model predicts {prediction_type!r}; training supports {SUPPORTED_PREDICTION_TYPES}",
         )
     return scheduler
-
-
-@dataclass(frozen=True)
-class NoiseDraw:
-    noise: torch.Tensor
-    timesteps: torch.Tensor
-
-    def rows(self, rows: slice | list[int]) -> NoiseDraw:
-        """The draws of some rows (a list repeats rows: a padded batch)."""
-        if isinstance(rows, list):
-            index = torch.tensor(rows, device=self.noise.device)
-            return NoiseDraw(self.noise[index], self.timesteps[index])
-        return NoiseDraw(self.noise[rows], self.timesteps[rows])
 
 
 class DenoisingObjective:
@@ -80,6 +71,10 @@ class DenoisingObjective:
         # diffusers annotates timesteps as IntTensor; any integer tensor works (its own scripts pass int64).
         return self.scheduler.add_noise(latents, draw.noise, cast(torch.IntTensor, draw.timesteps))
 
+    def model_timesteps(self, draw: NoiseDraw) -> torch.Tensor:
+        """What the denoiser's `timestep` argument gets: the integer DDPM timestep itself."""
+        return draw.timesteps
+
     def target(self, latents: torch.Tensor, draw: NoiseDraw) -> torch.Tensor:
         if self.v_prediction:
             return self.scheduler.get_velocity(latents, draw.noise, cast(torch.IntTensor, draw.timesteps))
@@ -107,13 +102,35 @@ class DenoisingObjective:
         return clipped / (snr + 1) if self.v_prediction else clipped / snr
 
 
+class Objective(Protocol):
+    """What the loop needs of an objective (DDPM noise prediction, flow matching)."""
+
+    def draw(self, shape: torch.Size, generator: torch.Generator) -> NoiseDraw: ...
+
+    def noisy_latents(self, latents: torch.Tensor, draw: NoiseDraw) -> torch.Tensor: ...
+
+    def model_timesteps(self, draw: NoiseDraw) -> torch.Tensor: ...
+
+    def target(self, latents: torch.Tensor, draw: NoiseDraw) -> torch.Tensor: ...
+
+    def loss(
+        self,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
+        timesteps: torch.Tensor,
+        sample_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
 def build_objective(
     family: ModelFamily, pipe: DiffusionPipeline, config: TrainingConfig, device: torch.device
-) -> DenoisingObjective:
+) -> Objective:
     """The objective `family` trains with, set up for `pipe` and the config's loss options."""
     spec = family.objective
     if isinstance(spec, DdpmObjective):
         return DenoisingObjective(
             noise_scheduler_for(pipe), device, config.noise_offset, config.min_snr_gamma
         )
+    if isinstance(spec, FlowMatchingObjective):
+        return FlowMatching(FlowSampling.from_config(spec, config), spec.timestep_scale, config.noise_offset)
     raise TypeError(f"{family.name}: no training objective for {type(spec).__name__}")

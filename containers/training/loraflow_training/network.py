@@ -93,10 +93,12 @@ class LoraDenoiser(torch.nn.Module):
         denoiser: torch.nn.Module,
         text_encoders: Sequence[torch.nn.Module] = (),
         clip_skip: int | None = None,
+        guidance: float | None = None,
     ) -> None:
         super().__init__()
         self.family = family
         self.denoiser = denoiser
+        self.guidance = guidance
         self.text_encoders = torch.nn.ModuleList(text_encoders)
         self.clip_skip = clip_skip
         self.train_text = any(param.requires_grad for param in self.text_encoders.parameters())
@@ -109,4 +111,4 @@ class LoraDenoiser(torch.nn.Module):
             with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
                 text = self.family.encode_tokens(list(self.text_encoders), text, self.clip_skip)
         cond = self.family.conditioning(text, size)
-        return self.family.predict(self.denoiser, noisy_latents, timesteps, cond)
+        return self.family.predict(self.denoiser, noisy_latents, timesteps, cond, self.guidance)

@@ -47,9 +47,7 @@ def resolve_run(
     if optimizer_note:
         adjusted.append(optimizer_note)
     clip_skip = config.clip_skip if family.supports_clip_skip else None
-    if config.clip_skip is not None and clip_skip is None and config.sdxl is None:
-        # With `sdxl = true` validation warned already; here the model turned out to be SDXL.
-        adjusted.append("clip_skip: SD 1.x only; ignored for this SDXL model, as kohya does")
+    adjusted += _ignored_for_family(config, family)
     batches_per_epoch = data.batches_per_epoch(plan.batch_size * processes)
     fixed_cadence = config.save_every_n_steps is not None
     return (
@@ -66,6 +64,18 @@ def resolve_run(
         ),
         adjusted,
     )
+
+
+def _ignored_for_family(config: TrainingConfig, family: ModelFamily) -> list[str]:
+    """A message per key that is set but does not apply to the model's family."""
+    notes = []
+    for key in sorted(family.ignored_config_keys):
+        if getattr(config, key) is None:
+            continue
+        if key == "clip_skip" and config.sdxl is not None:
+            continue  # `sdxl = true` with clip_skip: validation reported it already
+        notes.append(f"{key}: does not apply to {family.description}; ignored")
+    return notes
 
 
 def applied_config(config: TrainingConfig, run: RunSettings) -> TrainingConfig:

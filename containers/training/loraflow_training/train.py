@@ -30,7 +30,7 @@ from loraflow_shared.errors import ErrorCode, LoraflowError
 from loraflow_training.batching import BatchStream, GlobalBatch, RandomStreams
 from loraflow_training.checkpointing import CheckpointStore, global_rng_state, restore_global_rng
 from loraflow_training.data import TrainingData
-from loraflow_training.loss import DenoisingObjective, NoiseDraw, build_objective
+from loraflow_training.loss import NoiseDraw, Objective, build_objective
 from loraflow_training.network import (
     LoraDenoiser,
     add_lora,
@@ -123,7 +123,7 @@ def train_lora(
     optimizer = build_optimizer(run.optimizer, _param_groups(modules, family, config))
     lr_schedule = build_lr_scheduler(config, optimizer, run.total_steps)
     encoders = [] if isinstance(text, CachedEmbeddings) else family.text_encoders(pipe)
-    denoiser = LoraDenoiser(family, family.denoiser(pipe), encoders, run.clip_skip)
+    denoiser = LoraDenoiser(family, family.denoiser(pipe), encoders, run.clip_skip, config.guidance_scale)
     loop = TrainingLoop(
         denoiser=denoiser,
         objective=build_objective(family, pipe, config, device),
@@ -192,7 +192,7 @@ def _param_groups(modules: dict[str, Any], family: ModelFamily, config: Training
 @dataclass
 class TrainingLoop:
     denoiser: LoraDenoiser
-    objective: DenoisingObjective
+    objective: Objective
     latents: LatentSource
     text: TextSource
     batches: BatchStream
@@ -288,9 +288,8 @@ class TrainingLoop:
         shard = self._shard(batch)
         draw = self._draw_noise(batch, shard).rows(batch.rows)
         latents = self.latents.batch(shard)
-        prediction = model(
-            self.objective.noisy_latents(latents, draw), draw.timesteps, self.text.batch(shard), shard.bucket
-        )
+        noisy, timesteps = self.objective.noisy_latents(latents, draw), self.objective.model_timesteps(draw)
+        prediction = model(noisy, timesteps, self.text.batch(shard), shard.bucket)
         weights = None if self.sample_weights is None else self.sample_weights[shard.on_device]
         return self.objective.loss(prediction, self.objective.target(latents, draw), draw.timesteps, weights)
 

@@ -16,6 +16,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from loraflow_diffusion.families.base import (
     Conditioning,
     DdpmObjective,
+    FlowMatchingObjective,
     Footprint,
     ModelFamily,
     ObjectiveSpec,
@@ -23,12 +24,14 @@ from loraflow_diffusion.families.base import (
     SupportedPipeline,
     TextEmbeddings,
 )
+from loraflow_diffusion.families.flux import Flux1
 from loraflow_diffusion.families.stable_diffusion import StableDiffusion15, StableDiffusionXL
 
 __all__ = [
     "FAMILIES",
     "Conditioning",
     "DdpmObjective",
+    "FlowMatchingObjective",
     "Footprint",
     "ModelFamily",
     "ObjectiveSpec",
@@ -43,7 +46,7 @@ __all__ = [
     "supported_class_names",
 ]
 
-FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion15(), StableDiffusionXL())
+FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion15(), StableDiffusionXL(), Flux1())
 
 
 def family_for_class_name(class_name: str) -> ModelFamily | None:
@@ -61,9 +64,12 @@ def family_named(name: str) -> ModelFamily:
     return family
 
 
-def claimed_family(sdxl: bool | None) -> str | None:
-    """The family a training config says its model is (kohya's `sdxl` key), None when it does not say.
-    `load_pipeline(expect_family=...)` refuses a model of another family before loading it."""
+def claimed_family(sdxl: bool | None, model_family: str | None = None) -> str | None:
+    """The family a training config says its model is (`model_family`, or kohya's `sdxl` key), None when
+    it does not say. `load_pipeline(expect_family=...)` refuses a model of another family before loading it.
+    Validation refuses a config whose two keys disagree."""
+    if model_family is not None:
+        return family_named(model_family).name
     if sdxl is None:
         return None
     return StableDiffusionXL.name if sdxl else StableDiffusion15.name

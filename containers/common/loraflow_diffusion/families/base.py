@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import torch
+from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+from loraflow_shared.dataset.config import TimestepSampling, TrainingConfig
 
 # What `load_pipeline` returns: one of the families' pipeline classes.
-SupportedPipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
+SupportedPipeline = StableDiffusionPipeline | StableDiffusionXLPipeline | FluxPipeline
 Size = tuple[int, int]  # (width, height)
 MIB = 1024**2
 T = TypeVar("T")
@@ -61,7 +63,20 @@ class DdpmObjective:
     config says (SD 1.x/2.x, SDXL)."""
 
 
-ObjectiveSpec = DdpmObjective  # a union as flow-matching families arrive
+@dataclass(frozen=True)
+class FlowMatchingObjective:
+    """Rectified flow (FLUX, Qwen-Image, Z-Image): x_t = (1 - t) x + t noise, the denoiser predicts the
+    velocity noise - x at t in [0, 1]. How t is sampled is the config's (`timestep_sampling`,
+    `discrete_flow_shift`, `sigmoid_scale`, kohya sd-scripts' names); these are the family's defaults."""
+
+    timestep_sampling: TimestepSampling = "sigmoid"
+    discrete_flow_shift: float = 3.0
+    sigmoid_scale: float = 1.0
+    # The denoiser's `timestep` argument: t (FLUX's transformer takes t in [0, 1] and scales it itself).
+    timestep_scale: float = 1.0
+
+
+ObjectiveSpec = DdpmObjective | FlowMatchingObjective
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,8 @@ class ModelFamily(ABC):
     denoiser_name: ClassVar[str] = "unet"
     text_encoder_names: ClassVar[tuple[str, ...]]
     tokenizer_names: ClassVar[tuple[str, ...]]
+    # The text encoders a LoRA may train (all of them unless the family says otherwise).
+    trainable_text_encoder_names: ClassVar[tuple[str, ...] | None] = None
     # LoRA targets, after diffusers' LoRA training scripts for the family.
     denoiser_target_modules: ClassVar[tuple[str, ...]]
     text_encoder_target_modules: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -118,6 +135,8 @@ class ModelFamily(ABC):
     supports_clip_skip: ClassVar[bool] = False
     objective: ClassVar[ObjectiveSpec]
     footprint: ClassVar[Footprint]
+    # Config keys that do not apply to this family: set, they are reported (SETTING_ADJUSTED) and ignored.
+    ignored_config_keys: ClassVar[frozenset[str]] = frozenset()
 
     # -- components --------------------------------------------------------------------------------
 
@@ -127,7 +146,8 @@ class ModelFamily(ABC):
 
     def lora_components(self) -> tuple[str, ...]:
         """Pipeline attributes that may carry a LoRA, denoiser first."""
-        return (self.denoiser_name, *self.text_encoder_names)
+        trainable = self.trainable_text_encoder_names
+        return (self.denoiser_name, *(self.text_encoder_names if trainable is None else trainable))
 
     def frozen_components(self) -> tuple[str, ...]:
         """Pipeline attributes frozen before the LoRA is added."""
@@ -197,6 +217,10 @@ class ModelFamily(ABC):
 
     # -- the denoiser ------------------------------------------------------------------------------
 
+    def adopt_config(self, pipe: DiffusionPipeline, config: TrainingConfig) -> None:  # noqa: B027
+        """Apply the config's family-specific settings to the loaded pipeline (e.g. a token limit); most
+        families have none."""
+
     @abstractmethod
     def predict(
         self,
@@ -204,8 +228,10 @@ class ModelFamily(ABC):
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         cond: Conditioning,
+        guidance: float | None = None,
     ) -> torch.Tensor:
-        """The denoiser's prediction for noisy latents `[N,C,H,W]` at `timesteps`."""
+        """The denoiser's prediction for noisy latents `[N,C,H,W]` at `timesteps`; `guidance` is the
+        config's `guidance_scale` for families that embed it (None: the family's default)."""
 
     # -- export ------------------------------------------------------------------------------------
 

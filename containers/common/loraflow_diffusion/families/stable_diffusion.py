@@ -60,6 +60,19 @@ SDXL_FOOTPRINT = Footprint(
 )
 
 
+# Keys of the flow-matching families (FLUX, ...): nothing in a DDPM UNet's training uses them.
+FLOW_MATCHING_KEYS = frozenset(
+    {
+        "guidance_scale",
+        "timestep_sampling",
+        "discrete_flow_shift",
+        "sigmoid_scale",
+        "model_prediction_type",
+        "t5xxl_max_token_length",
+    }
+)
+
+
 class _UNetFamily(ModelFamily):
     """What SD 1.x/2.x and SDXL share: a conditional UNet predicting noise (or v) on a DDPM schedule."""
 
@@ -67,6 +80,7 @@ class _UNetFamily(ModelFamily):
     # The UNet's attention projections, as diffusers' train_dreambooth_lora scripts target them.
     denoiser_target_modules = ("to_k", "to_q", "to_v", "to_out.0")
     objective = DdpmObjective()
+    ignored_config_keys = FLOW_MATCHING_KEYS
 
     def latent_channels(self, pipe: DiffusionPipeline) -> int:
         return int(pipe.unet.config.in_channels)
@@ -77,6 +91,7 @@ class _UNetFamily(ModelFamily):
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
         cond: Conditioning,
+        guidance: float | None = None,
     ) -> torch.Tensor:
         output = denoiser(
             noisy_latents,
@@ -157,6 +172,7 @@ class StableDiffusionXL(_UNetFamily):
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
     footprint = SDXL_FOOTPRINT
+    ignored_config_keys = FLOW_MATCHING_KEYS | {"clip_skip"}  # kohya ignores clip_skip for SDXL
 
     def encode_tokens(
         self,

@@ -69,6 +69,13 @@ class LoraflowSettings(BaseModel):
     preview_seed: Seed = 0  # prompt i renders with preview_seed + i (i < MAX_PREVIEW_PROMPTS)
 
 
+# Every family `loraflow_diffusion.families` specifies (a test keeps the two lists equal).
+ModelFamilyName = Literal["sd15", "sdxl", "flux1"]
+# How flow-matching training draws t (sd-scripts' `timestep_sampling`): uniform; sigmoid of a normal draw
+# times `sigmoid_scale`; that, shifted by `discrete_flow_shift`; or shifted by FLUX's resolution rule.
+TimestepSampling = Literal["uniform", "sigmoid", "shift", "flux_shift"]
+
+
 class TrainingConfig(BaseModel):
     """The kohya keys loraflow honours (flattened), plus the ``[loraflow]`` table."""
 
@@ -77,6 +84,9 @@ class TrainingConfig(BaseModel):
     # model
     pretrained_model_name_or_path: ModelRef | None = None
     sdxl: bool | None = None  # None: detected from the model
+    # For a model that cannot be inspected before training (a single file of a new family): its family.
+    # A contradiction with the model (or with `sdxl`) fails the job before the weights load.
+    model_family: ModelFamilyName | None = None
     # SD 1.x only, as kohya; its CLIP text encoder has 12 layers, so 12 is the deepest skip there is.
     clip_skip: Annotated[int, Field(ge=1, le=12)] | None = None
     # network
@@ -111,6 +121,16 @@ class TrainingConfig(BaseModel):
     noise_offset: Annotated[float, Field(ge=0, le=1)] | None = None
     min_snr_gamma: Annotated[float, Field(gt=0, le=20)] | None = None
     prior_loss_weight: Annotated[float, Field(ge=0, le=100)] = 1.0  # weights the reg images' loss
+    # flow-matching families (FLUX, Qwen-Image, Z-Image), kohya sd-scripts' names; None: the family's default.
+    # Guidance-distilled FLUX.1 dev embeds the guidance it trains with; past ~20 nothing is ever sampled.
+    guidance_scale: Annotated[float, Field(ge=0, le=20)] | None = None
+    timestep_sampling: TimestepSampling | None = None
+    discrete_flow_shift: Annotated[float, Field(gt=0, le=100)] | None = None  # the "shift" sampling's shift
+    sigmoid_scale: Annotated[float, Field(gt=0, le=100)] | None = None  # the "sigmoid" sampling's scale
+    # sd-scripts' "raw": the loss compares the prediction with noise - latents (their "additive" and
+    # "sigma_scaled" are not offered: they are refused here rather than trained differently).
+    model_prediction_type: Literal["raw"] | None = None
+    t5xxl_max_token_length: Annotated[int, Field(ge=1, le=512)] | None = None  # T5's own limit: 512
     # memory and precision
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool | None = None

@@ -18,7 +18,8 @@ MAX_PREVIEW_SIDE = 2048
 def conflicts(config: TrainingConfig) -> list[str]:
     """Messages for key combinations no trainer could honour (empty when consistent)."""
     return (
-        _bucket_conflicts(config)
+        _family_conflicts(config)
+        + _bucket_conflicts(config)
         + _warmup_conflicts(config)
         + _output_conflicts(config)
         + _preview_conflicts(config)
@@ -38,6 +39,14 @@ def moot_settings(config: TrainingConfig) -> list[tuple[str, str]]:
             )
         )
     return moot
+
+
+def _family_conflicts(config: TrainingConfig) -> list[str]:
+    """kohya's `sdxl` and loraflow's `model_family` must not name two families."""
+    family, sdxl = config.model_family, config.sdxl
+    if family is None or sdxl is None or (family == "sdxl") == sdxl:
+        return []
+    return [f'model_family: "{family}" contradicts sdxl = {str(sdxl).lower()}; set one of them, or neither']
 
 
 def _bucket_conflicts(config: TrainingConfig) -> list[str]:
