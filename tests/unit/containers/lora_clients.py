@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 # ComfyUI comfy/utils.py: UNET_MAP_RESNET (SGM name -> diffusers name), UNET_MAP_ATTENTIONS,
 # TRANSFORMER_BLOCKS and UNET_MAP_BASIC, as its `unet_to_diffusers` uses them.
@@ -184,3 +187,220 @@ def _a1111_slot(kind: str) -> int:
 
 def _a1111_suffix(kind: str, suffix: str) -> str:
     return _A1111_RESNET.get(suffix, suffix) if kind == "resnets" else suffix
+
+
+# -- FLUX.1 ----------------------------------------------------------------------------------------------
+# ComfyUI holds FLUX.1 in Black Forest Labs' layout ("BFL": `double_blocks.0.img_attn.qkv`, q/k/v fused) and
+# builds its LoRA key map from that model's own state dict (comfy/lora.py `model_lora_keys_unet`), adding
+# diffusers' names through comfy/utils.py `flux_to_diffusers` (diffusers key -> BFL key, with the rows of
+# a fused weight a diffusers weight fills and `swap_scale_shift` for the final modulation). Ported for a
+# diffusers `FluxTransformer2DModel` config; FLUX.2's, LyCORIS LoKr's and ControlNet's aliases are left out.
+
+
+@dataclass(frozen=True)
+class ComfyFluxTarget:
+    """Where ComfyUI puts a diffusers FLUX weight (or a LoRA's delta): a key of its model (BFL layout),
+    the rows `(start, size)` inside a fused weight (its `(0, start, size)` offset), whether halves swap."""
+
+    key: str
+    rows: tuple[int, int] | None = None
+    swap_halves: bool = False
+
+
+def comfyui_flux_to_diffusers(
+    config: Mapping[str, Any], output_prefix: str = ""
+) -> dict[str, ComfyFluxTarget]:
+    """ComfyUI's `comfy.utils.flux_to_diffusers`, its `mmdit_config` (`depth`, `depth_single_blocks`,
+    `hidden_size`) read off the diffusers transformer config."""
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    key_map: dict[str, ComfyFluxTarget] = {}
+    for index in range(config["num_layers"]):
+        source, target = f"transformer_blocks.{index}.", f"{output_prefix}double_blocks.{index}."
+        for end in _PARAMS:
+            for fused, names in _COMFY_FLUX_QKV.items():
+                for slot, name in enumerate(names):
+                    key_map[f"{source}attn.{name}.{end}"] = ComfyFluxTarget(
+                        f"{target}{fused}.{end}", (hidden * slot, hidden)
+                    )
+        for diffusers, bfl in _COMFY_FLUX_DOUBLE.items():
+            key_map[source + diffusers] = ComfyFluxTarget(target + bfl)
+    for index in range(config["num_single_layers"]):
+        source, target = f"single_transformer_blocks.{index}.", f"{output_prefix}single_blocks.{index}."
+        for end in _PARAMS:
+            for slot, name in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
+                key_map[f"{source}{name}.{end}"] = ComfyFluxTarget(
+                    f"{target}linear1.{end}", (hidden * slot, hidden)
+                )
+            key_map[f"{source}proj_mlp.{end}"] = ComfyFluxTarget(
+                f"{target}linear1.{end}", (hidden * 3, hidden * 4)
+            )
+        for diffusers, bfl in _COMFY_FLUX_SINGLE.items():
+            key_map[source + diffusers] = ComfyFluxTarget(target + bfl)
+    for bfl, diffusers in _COMFY_FLUX_BASIC.items():
+        for end in _PARAMS:
+            key_map[f"{diffusers}.{end}"] = ComfyFluxTarget(
+                f"{output_prefix}{bfl}.{end}", swap_halves=bfl == "final_layer.adaLN_modulation.1"
+            )
+    return key_map
+
+
+# Its fused q/k/v, `block_map`s (keys and values hold `.weight`/`.bias` there) and `MAP_BASIC` (BFL ->
+# diffusers there).
+_COMFY_FLUX_QKV = {
+    "img_attn.qkv": ("to_q", "to_k", "to_v"),
+    "txt_attn.qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+}
+_COMFY_FLUX_DOUBLE = {
+    f"{diffusers}.{end}": f"{bfl}.{end}"
+    for diffusers, bfl in {
+        "attn.to_out.0": "img_attn.proj",
+        "norm1.linear": "img_mod.lin",
+        "norm1_context.linear": "txt_mod.lin",
+        "attn.to_add_out": "txt_attn.proj",
+        "ff.net.0.proj": "img_mlp.0",
+        "ff.net.2": "img_mlp.2",
+        "ff_context.net.0.proj": "txt_mlp.0",
+        "ff_context.net.2": "txt_mlp.2",
+    }.items()
+    for end in _PARAMS
+} | {
+    "attn.norm_q.weight": "img_attn.norm.query_norm.scale",
+    "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+    "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+    "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale",
+}
+_COMFY_FLUX_SINGLE = {
+    "norm.linear.weight": "modulation.lin.weight",
+    "norm.linear.bias": "modulation.lin.bias",
+    "proj_out.weight": "linear2.weight",
+    "proj_out.bias": "linear2.bias",
+    "attn.norm_q.weight": "norm.query_norm.scale",
+    "attn.norm_k.weight": "norm.key_norm.scale",
+}
+_COMFY_FLUX_BASIC = {
+    "final_layer.linear": "proj_out",
+    "img_in": "x_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "txt_in": "context_embedder",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+
+
+def comfyui_convert_diffusers_flux(
+    state_dict: Mapping[str, torch.Tensor], flux_map: Mapping[str, ComfyFluxTarget]
+) -> dict[str, torch.Tensor]:
+    """ComfyUI's `comfy.utils.convert_diffusers_mmdit` for FLUX: a diffusers transformer state dict in its
+    model's BFL layout (fused weights filled part by part, the final modulation's halves swapped)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, target in flux_map.items():
+        if key not in state_dict:
+            continue
+        weight = _swap_halves(state_dict[key]) if target.swap_halves else state_dict[key]
+        if target.rows is None:
+            out[target.key] = weight
+            continue
+        start, size = target.rows
+        fused = out.get(target.key, torch.empty((0, *weight.shape[1:]), dtype=weight.dtype))
+        if fused.shape[0] < start + size:  # grow it, as ComfyUI does
+            grown = torch.empty((start + size, *weight.shape[1:]), dtype=weight.dtype)
+            grown[: fused.shape[0]] = fused
+            fused = grown
+        fused[start : start + size] = weight
+        out[target.key] = fused
+    return out
+
+
+def bfl_flux_to_diffusers(
+    bfl_state: Mapping[str, torch.Tensor], flux_map: Mapping[str, ComfyFluxTarget]
+) -> dict[str, torch.Tensor]:
+    """The inverse of `comfyui_convert_diffusers_flux` (what diffusers' `convert_flux_transformer_checkpoint_
+    to_diffusers` does, which fixes FLUX.1's 3072 width and so cannot convert a small model)."""
+    state: dict[str, torch.Tensor] = {}
+    for key, target in flux_map.items():
+        if target.key not in bfl_state:
+            continue
+        weight = bfl_state[target.key]
+        if target.rows is not None:
+            start, size = target.rows
+            weight = weight[start : start + size]
+        state[key] = (_swap_halves(weight) if target.swap_halves else weight).clone()
+    return state
+
+
+def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's and diffusers' `swap_scale_shift` (its own inverse)."""
+    first, second = weight.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def comfyui_flux_lora_key_map(
+    model_keys: Iterable[str], flux_map: Mapping[str, ComfyFluxTarget]
+) -> dict[str, ComfyFluxTarget]:
+    """ComfyUI's `comfy.lora.model_lora_keys_unet` for a Flux model: LoRA module name -> where it applies.
+    `model_keys` are the model's keys (`diffusion_model.` + BFL), `flux_map` what `comfyui_flux_to_diffusers`
+    returns with `output_prefix="diffusion_model."`. Its first table, `unet_to_diffusers`, is empty for
+    Flux (no `num_res_blocks` in its unet_config): diffusers-path `lora_unet_…` names find nothing."""
+    key_map: dict[str, ComfyFluxTarget] = {}
+    for key in model_keys:
+        if key.startswith("diffusion_model.") and key.endswith(".weight"):
+            module = key.removeprefix("diffusion_model.").removesuffix(".weight")
+            key_map["lora_unet_" + module.replace(".", "_")] = ComfyFluxTarget(key)
+            key_map[key.removesuffix(".weight")] = ComfyFluxTarget(key)
+    for diffusers, target in flux_map.items():
+        if diffusers.endswith(".weight"):
+            module = diffusers.removesuffix(".weight")
+            for name in (f"transformer.{module}", module):
+                key_map[name] = target
+            for prefix in ("lycoris_", "lora_transformer_"):
+                key_map[prefix + module.replace(".", "_")] = target
+    return key_map
+
+
+def comfyui_apply_lora(
+    weights: dict[str, torch.Tensor],
+    lora: Mapping[str, torch.Tensor],
+    key_map: Mapping[str, ComfyFluxTarget],
+    strength: float = 1.0,
+) -> list[str]:
+    """ComfyUI's `load_lora` (plain kohya LoRAs: `.lora_up.weight`, `.lora_down.weight`, `.alpha`) and
+    `LoRAAdapter.calculate_weight`: `W[rows] += strength * alpha / rank * up @ down` (rank = down's rows;
+    no alpha: scale 1), in place. Returns the LoRA keys it did not load, which ComfyUI only logs."""
+    loaded: set[str] = set()
+    for name, target in key_map.items():
+        up_key, down_key, alpha_key = f"{name}.lora_up.weight", f"{name}.lora_down.weight", f"{name}.alpha"
+        if up_key not in lora:
+            continue
+        up, down = lora[up_key].float(), lora[down_key].float()
+        scale = lora[alpha_key].item() / down.shape[0] if alpha_key in lora else 1.0
+        diff = (strength * scale) * (up @ down)
+        weight = weights[target.key]
+        view = weight if target.rows is None else weight[target.rows[0] : target.rows[0] + target.rows[1]]
+        view += (_swap_halves(diff) if target.swap_halves else diff).to(weight.dtype)
+        loaded |= {up_key, down_key} | ({alpha_key} if alpha_key in lora else set())
+    return sorted(set(lora) - loaded)
+
+
+# comfy/lora.py `LORA_CLIP_MAP` and `model_lora_keys_clip`'s CLIP-L names (SDXL's and FLUX's `clip_l`).
+_COMFY_CLIP_MAP = {
+    "mlp.fc1": "mlp_fc1",
+    "mlp.fc2": "mlp_fc2",
+    "self_attn.k_proj": "self_attn_k_proj",
+    "self_attn.q_proj": "self_attn_q_proj",
+    "self_attn.v_proj": "self_attn_v_proj",
+    "self_attn.out_proj": "self_attn_out_proj",
+}
+
+
+def comfyui_clip_l_lora_names(layers: int) -> set[str]:
+    """The kohya module names ComfyUI maps to a `clip_l` text encoder of `layers` layers."""
+    return {
+        f"{prefix}_text_model_encoder_layers_{layer}_{name}"
+        for prefix in ("lora_te", "lora_te1")
+        for layer in range(layers)
+        for name in _COMFY_CLIP_MAP.values()
+    }

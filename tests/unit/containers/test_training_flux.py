@@ -24,6 +24,7 @@ from loraflow_training.data import load_training_data
 from loraflow_training.flow import FlowMatching, FlowSampling
 from loraflow_training.settings import read_config
 from PIL import Image
+from safetensors import safe_open
 
 pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
 
@@ -165,6 +166,19 @@ def test_given_flux_base_when_trained_then_lora_loads_changes_output_and_preview
     # It learnt the training images: measured LoRA/base 0.930 after 12 steps ([schnell] 0.957).
     assert _fixed_noise_loss(pipe, dirs.dataset) < base_loss * 0.98
     _assert_previews_render(model, dirs.model / "pytorch_lora_weights.safetensors", tmp_path)
+    _assert_kohya_file_has_bfl_names(dirs.model / f"{report.output_name}.safetensors")
+
+
+def _assert_kohya_file_has_bfl_names(kohya_file: Path) -> None:
+    """sd-scripts' FLUX names (what ComfyUI, Forge and sd-scripts read); exactness: test_flux_lora_names."""
+    with safe_open(str(kohya_file), framework="pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+    modules = {key.split(".")[0] for key in keys}
+    prefixes = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te1_")
+    assert modules and all(module.startswith(prefixes) for module in modules), sorted(modules)[:5]
+    assert any(module.endswith("_img_attn_qkv") for module in modules)
+    assert metadata["ss_base_model_version"] == "flux1"
+    assert metadata["modelspec.architecture"] == "flux-1-dev/lora"
 
 
 def _assert_previews_render(model: Path, lora: Path, tmp_path: Path) -> None:

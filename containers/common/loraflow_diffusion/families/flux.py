@@ -29,6 +29,7 @@ from loraflow_diffusion.families.base import (
     T,
     TextEmbeddings,
 )
+from loraflow_diffusion.families.flux_names import flux_kohya_names
 
 # kohya sd-scripts' defaults for FLUX.1 LoRA (its README's recommended settings): t drawn by "shift"
 # with shift 3.1582, the raw velocity target, training guidance 1.0 for [dev].
@@ -141,7 +142,10 @@ class Flux1(ModelFamily):
         return cast(torch.Tensor, FluxPipeline._unpack_latents(output, height * 8, width * 8, 8))
 
     def kohya_names(self, pipe: DiffusionPipeline, state_dict: Mapping[str, T]) -> dict[str, T]:
-        return dict(state_dict)  # sd-scripts' BFL names come with `flux_names` (work in progress)
+        """sd-scripts' BFL names (`lora_unet_double_blocks_0_img_attn_qkv`, ...), which ComfyUI, Forge and
+        sd-scripts read: q/k/v (and the single blocks' MLP input) fused exactly, as BFL's weights are."""
+        tensors = cast(Mapping[str, torch.Tensor], state_dict)
+        return cast(dict[str, T], flux_kohya_names(tensors, pipe.transformer.config))
 
     def export_facts(self, pipe: DiffusionPipeline) -> ExportFacts:
         dev = bool(pipe.transformer.config.guidance_embeds)
