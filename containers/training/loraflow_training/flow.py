@@ -17,11 +17,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from loraflow_diffusion.families import FlowMatchingObjective
 from loraflow_shared.dataset.config import TimestepSampling, TrainingConfig
 
-from loraflow_training.noise import NoiseDraw
+from loraflow_training.noise import NoiseDraw, offset_noise, per_sample_mse, weighted_mean
 
 # FLUX's resolution-dependent shift (its scheduler config: base_image_seq_len, max_image_seq_len,
 # base_shift, max_shift).
@@ -66,11 +65,7 @@ class FlowMatching:
 
     def draw(self, shape: torch.Size, generator: torch.Generator) -> NoiseDraw:
         """Noise and flow times for a batch of latents `[N, C, H, W]`, from `generator` (on its device)."""
-        device = generator.device
-        noise = torch.randn(shape, generator=generator, device=device)
-        if self.noise_offset:
-            offset = torch.randn((shape[0], shape[1], 1, 1), generator=generator, device=device)
-            noise = noise + self.noise_offset * offset
+        noise = offset_noise(shape, generator, self.noise_offset)
         image_tokens = (shape[2] // 2) * (shape[3] // 2)  # 2x2 latent patches, as the DiTs pack them
         return NoiseDraw(noise, self.sampling.draw(shape[0], image_tokens, generator))
 
@@ -92,7 +87,4 @@ class FlowMatching:
         sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean over the batch of each sample's MSE, times its prior-loss weight."""
-        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if sample_weights is not None:
-            per_sample = per_sample * sample_weights
-        return per_sample.mean()
+        return weighted_mean(per_sample_mse(prediction, target), sample_weights)

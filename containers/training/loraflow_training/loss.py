@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Protocol, cast
 
 import torch
-import torch.nn.functional as F
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import compute_snr
@@ -21,7 +20,7 @@ from loraflow_shared.dataset.config import TrainingConfig
 from loraflow_shared.errors import ErrorCode, LoraflowError
 
 from loraflow_training.flow import FlowMatching, FlowSampling
-from loraflow_training.noise import NoiseDraw
+from loraflow_training.noise import NoiseDraw, offset_noise, per_sample_mse, weighted_mean
 
 __all__ = ["DenoisingObjective", "NoiseDraw", "Objective", "build_objective", "noise_scheduler_for"]
 
@@ -60,10 +59,7 @@ class DenoisingObjective:
     def draw(self, shape: torch.Size, generator: torch.Generator) -> NoiseDraw:
         """Noise and timesteps for a batch of latents of `shape`, from `generator` (on its device)."""
         device = generator.device
-        noise = torch.randn(shape, generator=generator, device=device)
-        if self.noise_offset:
-            offset = torch.randn((shape[0], shape[1], 1, 1), generator=generator, device=device)
-            noise = noise + self.noise_offset * offset
+        noise = offset_noise(shape, generator, self.noise_offset)
         timesteps = torch.randint(0, self.num_timesteps, (shape[0],), generator=generator, device=device)
         return NoiseDraw(noise, timesteps)
 
@@ -88,12 +84,10 @@ class DenoisingObjective:
         sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean over the batch of each sample's MSE, times its Min-SNR and prior-loss weights."""
-        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        per_sample = per_sample_mse(prediction, target)
         if self.min_snr_gamma is not None:
             per_sample = per_sample * self._snr_weights(timesteps)
-        if sample_weights is not None:
-            per_sample = per_sample * sample_weights
-        return per_sample.mean()
+        return weighted_mean(per_sample, sample_weights)
 
     def _snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction (diffusers and kohya alike)."""
