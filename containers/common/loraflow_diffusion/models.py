@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -172,9 +172,21 @@ def _load_single_file_with_config(
         raise _Unloadable(f"the config folder {config_dir.name!r} has no model_index.json")
     family = _checked(_family_from_model_index(str(config_dir)), expect)
     with _naming_unfilled_weights():
-        return family.pipeline_class.from_single_file(
+        return _single_file_loader(family)(
             str(path), config=str(config_dir), local_files_only=True, dtype=dtype, **family.load_kwargs
         )
+
+
+def _single_file_loader(family: ModelFamily) -> Callable[..., DiffusionPipeline]:
+    """The pipeline's `from_single_file`; the DiT families' pipelines have none (their checkpoints ship as
+    diffusers folders, their single files hold the transformer alone)."""
+    loader = getattr(family.pipeline_class, "from_single_file", None)
+    if loader is None:
+        raise _Unloadable(
+            f"{family.description} cannot load from a single file: give its diffusers folder"
+            " (model_index.json with its component folders)"
+        )
+    return cast(Callable[..., DiffusionPipeline], loader)
 
 
 def _load_single_file_from_hub_config(
@@ -183,7 +195,7 @@ def _load_single_file_from_hub_config(
     family = _checked(_single_file_family(path), expect)
     try:
         with _naming_unfilled_weights():
-            return family.pipeline_class.from_single_file(
+            return _single_file_loader(family)(
                 str(path),
                 dtype=dtype,
                 cache_dir=cache_dir,

@@ -110,10 +110,7 @@ class CachedEmbeddings:
             ids = [t.to(device) for t in family.tokenize(pipe, distinct[start : start + ENCODE_CHUNK])]
             with torch.no_grad():
                 parts.append(family.encode_tokens(encoders, ids, clip_skip))
-        pooled = [part.pooled for part in parts if part.pooled is not None]
-        self.embeddings = TextEmbeddings(
-            torch.cat([part.hidden_states for part in parts]), torch.cat(pooled) if pooled else None
-        )
+        self.embeddings = TextEmbeddings.concatenated(parts)
         position = {caption: index for index, caption in enumerate(distinct)}
         self.caption_rows = torch.tensor([position[c] for c in captions], dtype=torch.long, device=device)
 

@@ -17,13 +17,23 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from loraflow_shared.dataset.config import TimestepSampling, TrainingConfig
 
 # What `load_pipeline` returns: one of the families' pipeline classes.
-SupportedPipeline = StableDiffusionPipeline | StableDiffusionXLPipeline | FluxPipeline
+SupportedPipeline = (
+    StableDiffusionPipeline
+    | StableDiffusionXLPipeline
+    | FluxPipeline
+    | Flux2KleinPipeline
+    | QwenImagePipeline
+    | ZImagePipeline
+)
 Size = tuple[int, int]  # (width, height)
 MIB = 1024**2
 T = TypeVar("T")
@@ -35,10 +45,24 @@ class TextEmbeddings:
 
     hidden_states: torch.Tensor
     pooled: torch.Tensor | None = None  # SDXL: the second encoder's projected pooled output
+    # Any other per-caption tensor a family's conditioning needs (e.g. an attention mask), by name.
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def select(self, indices: torch.Tensor) -> TextEmbeddings:
         return TextEmbeddings(
-            self.hidden_states[indices], None if self.pooled is None else self.pooled[indices]
+            self.hidden_states[indices],
+            None if self.pooled is None else self.pooled[indices],
+            {name: value[indices] for name, value in self.extras.items()},
+        )
+
+    @staticmethod
+    def concatenated(parts: Sequence[TextEmbeddings]) -> TextEmbeddings:
+        """The parts' captions, in order, as one set (all parts come from one family's encoders)."""
+        pooled = [part.pooled for part in parts if part.pooled is not None]
+        return TextEmbeddings(
+            torch.cat([part.hidden_states for part in parts]),
+            torch.cat(pooled) if pooled else None,
+            {name: torch.cat([part.extras[name] for part in parts]) for name in parts[0].extras},
         )
 
 

@@ -70,7 +70,7 @@ class LoraflowSettings(BaseModel):
 
 
 # Every family `loraflow_diffusion.families` specifies (a test keeps the two lists equal).
-ModelFamilyName = Literal["sd15", "sdxl", "flux1"]
+ModelFamilyName = Literal["sd15", "sdxl", "flux1", "flux2_klein", "qwen_image", "z_image"]
 # How flow-matching training draws t (sd-scripts' `timestep_sampling`): uniform; sigmoid of a normal draw
 # times `sigmoid_scale`; that, shifted by `discrete_flow_shift`; or shifted by FLUX's resolution rule.
 TimestepSampling = Literal["uniform", "sigmoid", "shift", "flux_shift"]
