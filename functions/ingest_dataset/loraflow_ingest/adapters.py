@@ -11,7 +11,7 @@ from loraflow_shared.dataset.validate import READ_THREADS
 from loraflow_shared.jobs.control_aws import build_control
 from loraflow_shared.jobs.repository import JobRepository
 from loraflow_shared.notifications import Notifier
-from loraflow_shared.s3 import S3ObjectReader, list_objects
+from loraflow_shared.s3 import S3ObjectReader, list_objects, read_small_text
 
 from loraflow_ingest.logic import Ingestor
 from loraflow_ingest.settings import IngestSettings
@@ -29,6 +29,9 @@ class S3DatasetStore:
 
     def reader(self, bucket: str) -> ObjectReader:
         return S3ObjectReader(self._client, bucket)
+
+    def read_text(self, uri: str) -> str | None:
+        return read_small_text(self._client, uri)
 
 
 def build_ingestor(settings: IngestSettings) -> Ingestor:
@@ -50,4 +53,5 @@ def build_ingestor(settings: IngestSettings) -> Ingestor:
         ),
         settle_seconds=settings.settle_seconds,
         default_base_model=settings.default_base_model,
+        large_models=settings.large_models_enabled,
     )

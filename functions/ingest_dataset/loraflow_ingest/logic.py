@@ -27,6 +27,7 @@ from loraflow_shared.dataset.validate import (
     validate_dataset,
 )
 from loraflow_shared.errors import ErrorCode, Problem
+from loraflow_shared.jobs.compute import choose_compute
 from loraflow_shared.jobs.control import JobControl, superseded_by
 from loraflow_shared.jobs.errors import InvalidTransition, JobStateConflict, StaleAttempt
 from loraflow_shared.jobs.model import Job, JobStatus, PreviewSettings, dataset_fingerprint, job_id_for
@@ -48,6 +49,10 @@ class DatasetStore(Protocol):
 
     def reader(self, bucket: str) -> ObjectReader: ...
 
+    def read_text(self, uri: str) -> str | None:
+        """A small object's text (a base model's model_index.json), None when it cannot be read."""
+        ...
+
 
 class Outcome(StrEnum):
     EMPTY = "EMPTY"  # nothing under the prefix (deleted)
@@ -67,6 +72,7 @@ class Ingestor:
         control: JobControl,
         settle_seconds: int,
         default_base_model: str,
+        large_models: bool = True,
         limits: ValidationLimits | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -76,6 +82,7 @@ class Ingestor:
         self._control = control
         self._settle = timedelta(seconds=settle_seconds)
         self._default_base_model = default_base_model
+        self._large_models = large_models
         self._limits = limits or ValidationLimits()
         self._clock = clock
 
@@ -140,15 +147,12 @@ class Ingestor:
     def _validate(self, job: Job, ref: DatasetRef, objects: Sequence[ObjectInfo]) -> Job:
         report = validate_dataset(ref.dataset, objects, self._store.reader(ref.bucket), self._limits)
         if not report.accepted or report.config is None or report.config_file is None:
-            return self._repository.transition(
-                job.job_id,
-                JobStatus.REJECTED,
-                from_statuses=[JobStatus.VALIDATING],
-                if_attempt=job.attempt,
-                errors=report.errors,
-                warnings=report.warnings,
-                config_file=report.config_file,
-            )
+            return self._reject(job, report.errors, report)
+        base_model = report.config.pretrained_model_name_or_path or self._default_base_model
+        choice = choose_compute(report.config, base_model, self._store.read_text, self._large_models)
+        if choice.error is not None:
+            return self._reject(job, [choice.error], report)
+        warnings = [*report.warnings, *choice.warnings]
         attempt = job.current_attempt or self._control.new_attempt(job, job.attempt)
         # Only from VALIDATING: a job cancelled meanwhile (CANCELLED may go to QUEUED on a retry) stays so.
         return self._repository.transition(
@@ -156,12 +160,25 @@ class Ingestor:
             JobStatus.QUEUED,
             from_statuses=[JobStatus.VALIDATING],
             if_attempt=job.attempt,
-            warnings=report.warnings,
-            validation_warnings=report.warnings,
+            warnings=warnings,
+            validation_warnings=warnings,
             config_file=report.config_file,
-            base_model=report.config.pretrained_model_name_or_path or self._default_base_model,
+            base_model=base_model,
+            model_family=choice.model_family,
+            compute=choice.compute,
             preview=preview_settings(report),
             attempts=job.with_attempt(attempt),
+        )
+
+    def _reject(self, job: Job, errors: list[Problem], report: ValidationReport) -> Job:
+        return self._repository.transition(
+            job.job_id,
+            JobStatus.REJECTED,
+            from_statuses=[JobStatus.VALIDATING],
+            if_attempt=job.attempt,
+            errors=errors,
+            warnings=report.warnings,
+            config_file=report.config_file,
         )
 
     def _fail(self, job: Job, exc: Exception) -> Job:

@@ -1,5 +1,7 @@
 """IngestDatasetFunction settings, read from the environment at cold start."""
 
+from typing import Literal
+
 from loraflow_shared.settings import EnvSettings
 from pydantic import Field
 
@@ -14,3 +16,9 @@ class IngestSettings(EnvSettings):
     settle_seconds: int = Field(ge=0, le=900)
     # Used when the dataset's config names no `pretrained_model_name_or_path`.
     default_base_model: str = Field(min_length=1)
+    # The stack parameter LargeModelFamilies: without it, jobs of the large model families are rejected.
+    large_model_families: Literal["true", "false"]
+
+    @property
+    def large_models_enabled(self) -> bool:
+        return self.large_model_families == "true"

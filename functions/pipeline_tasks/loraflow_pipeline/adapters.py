@@ -88,14 +88,15 @@ class S3ArtifactStore:
         self._s3.put_object(Bucket=bucket, Key=key, Body=body.encode(), ContentType="application/json")
 
 
-class SageMakerAsyncEndpoint:
-    def __init__(self, client: SageMakerRuntimeClient, endpoint_name: str) -> None:
+class SageMakerAsyncEndpoints:
+    def __init__(self, client: SageMakerRuntimeClient) -> None:
         self._client = client
-        self._endpoint_name = endpoint_name
 
-    def invoke_async(self, input_uri: str, inference_id: str, timeouts: PreviewTimeouts) -> None:
+    def invoke_async(
+        self, endpoint_name: str, input_uri: str, inference_id: str, timeouts: PreviewTimeouts
+    ) -> None:
         self._client.invoke_endpoint_async(
-            EndpointName=self._endpoint_name,
+            EndpointName=endpoint_name,
             InputLocation=input_uri,
             InferenceId=inference_id,
             ContentType="application/json",
@@ -109,7 +110,8 @@ def build_tasks(settings: PipelineSettings) -> PipelineTasks:
         repository=JobRepository(boto3.resource("dynamodb").Table(settings.jobs_table)),
         notifier=Notifier(boto3.client("sns"), settings.notification_topic_arn),
         artifacts=S3ArtifactStore(boto3.client("s3")),
-        endpoint=SageMakerAsyncEndpoint(boto3.client("sagemaker-runtime"), settings.preview_endpoint_name),
+        endpoints=SageMakerAsyncEndpoints(boto3.client("sagemaker-runtime")),
+        targets=settings.targets,
         artifacts_bucket=settings.artifacts_bucket,
         preview_timeouts=preview_timeouts(settings.preview_timeout_seconds),
         capacity_wait_seconds=settings.capacity_wait_seconds,

@@ -6,14 +6,16 @@ still in flight when its attempt was cancelled (and perhaps retried) changes not
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol, assert_never
 
 from aws_lambda_powertools import Logger
 from loraflow_shared.contracts import PreviewRequest, TrainingReport
 from loraflow_shared.errors import ErrorCode, LoraflowError
+from loraflow_shared.families import ComputeClass
 from loraflow_shared.jobs.capacity import capacity_reason, next_wait_seconds
+from loraflow_shared.jobs.compute import ComputeTarget
 from loraflow_shared.jobs.cost import PriceTable, failed_training_cost, training_cost
 from loraflow_shared.jobs.errors import StaleAttempt
 from loraflow_shared.jobs.failures import problems_from_task_failure
@@ -74,8 +76,10 @@ class ArtifactStore(Protocol):
     def put_json(self, uri: str, body: str) -> None: ...
 
 
-class PreviewEndpoint(Protocol):
-    def invoke_async(self, input_uri: str, inference_id: str, timeouts: PreviewTimeouts) -> None: ...
+class PreviewEndpoints(Protocol):
+    def invoke_async(
+        self, endpoint_name: str, input_uri: str, inference_id: str, timeouts: PreviewTimeouts
+    ) -> None: ...
 
 
 class PipelineTasks:
@@ -84,7 +88,8 @@ class PipelineTasks:
         repository: JobRepository,
         notifier: TerminalNotifier,
         artifacts: ArtifactStore,
-        endpoint: PreviewEndpoint,
+        endpoints: PreviewEndpoints,
+        targets: Mapping[ComputeClass, ComputeTarget],
         artifacts_bucket: str,
         preview_timeouts: PreviewTimeouts,
         capacity_wait_seconds: int,
@@ -94,7 +99,8 @@ class PipelineTasks:
         self._repository = repository
         self._notifier = notifier
         self._artifacts = artifacts
-        self._endpoint = endpoint
+        self._endpoints = endpoints
+        self._targets = targets
         self._bucket = artifacts_bucket
         self._preview_timeouts = preview_timeouts
         self._capacity_wait_s = capacity_wait_seconds
@@ -141,7 +147,21 @@ class PipelineTasks:
             if_attempt=job.attempt,
             attempts=job.with_attempt(record.model_copy(update={"training_job_names": names})),
         )
-        return {"training_job_name": names[-1]}
+        return self._run(job, names[-1])
+
+    def _target(self, job: Job) -> ComputeTarget:
+        target = self._targets.get(job.compute)
+        if target is None:  # ingest rejects such jobs; one queued before a redeployment can still come
+            raise LoraflowError(
+                ErrorCode.INTERNAL_ERROR,
+                f"job {job.job_id} needs {job.compute} compute, which this stack was deployed without",
+            )
+        return target
+
+    def _run(self, job: Job, training_job_name: str, **more: Any) -> dict[str, Any]:
+        """What the state machine keeps in `$.run`: the training job's name and instance type."""
+        instance_type = self._target(job).training_instance_type
+        return {"training_job_name": training_job_name, "instance_type": instance_type, **more}
 
     def plan_training_retry(self, action: PlanTrainingRetry) -> dict[str, Any]:
         """After a failed submission: wait and submit again under a new name when it lacked capacity
@@ -149,7 +169,7 @@ class PipelineTasks:
         job = self._current(action.job_id, action.attempt)
         record = job.current_attempt
         names = record.training_job_names if record is not None else []
-        give_up = {"retry": False, "wait_seconds": 0, "training_job_name": names[-1] if names else ""}
+        give_up = self._run(job, names[-1] if names else "", retry=False, wait_seconds=0)
         reason = capacity_reason(action.error.error, action.error.cause or "")
         if record is None or reason is None or job.is_terminal:
             return give_up
@@ -168,7 +188,7 @@ class PipelineTasks:
             job.job_id, if_attempt=job.attempt, attempts=job.with_attempt(record.model_copy(update=update))
         )
         logger.info("waiting for training capacity", reason=reason, wait_seconds=wait, next_name=name)
-        return {"retry": True, "wait_seconds": wait, "training_job_name": name}
+        return self._run(job, name, retry=True, wait_seconds=wait)
 
     def record_training(self, action: RecordTraining) -> dict[str, Any]:
         job = self._current(action.job_id, action.attempt)
@@ -234,7 +254,8 @@ class PipelineTasks:
         )
         input_uri = s3_uri(self._bucket, preview_request_key(inference))
         self._artifacts.put_json(input_uri, request.model_dump_json())
-        self._endpoint.invoke_async(input_uri, inference, self._preview_timeouts)
+        endpoint = self._target(job).preview_endpoint_name
+        self._endpoints.invoke_async(endpoint, input_uri, inference, self._preview_timeouts)
         return {}
 
     def complete(self, action: Complete) -> dict[str, Any]:

@@ -71,3 +71,23 @@ class S3ObjectReader:
     def read_all(self, key: str) -> bytes:
         response: Any = self._client.get_object(Bucket=self._bucket, Key=key)
         return bytes(response["Body"].read())
+
+
+MAX_SMALL_TEXT_BYTES = 1024 * 1024  # a model_index.json is a few hundred bytes
+
+
+def read_small_text(client: S3Client, uri: str) -> str | None:
+    """The UTF-8 text of a small object, None when it is missing, unreadable to us, too large or not text:
+    for facts that are only known when available (e.g. which family a base model folder holds)."""
+    bucket, key = parse_s3_uri(uri)
+    try:
+        response: Any = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{MAX_SMALL_TEXT_BYTES}")
+        body = bytes(response["Body"].read())
+    except ClientError:
+        return None
+    if len(body) > MAX_SMALL_TEXT_BYTES:
+        return None
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None

@@ -27,6 +27,7 @@ ACCOUNT = "123456789012"
 DATASET_BUCKET = "loraflow-datasets"
 ARTIFACTS_BUCKET = "loraflow-artifacts"
 ENDPOINT_NAME = "loraflow-preview"
+LARGE_MODEL_ENDPOINT_NAME = "loraflow-preview-large"
 DEFAULT_BASE_MODEL = "s3://loraflow-artifacts/base-models/tiny-sd/"
 CONFIG = b"""
 pretrained_model_name_or_path = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -80,6 +81,10 @@ class Cloud:
             "DEFAULT_BASE_MODEL": DEFAULT_BASE_MODEL,
             "ARTIFACTS_BUCKET": ARTIFACTS_BUCKET,
             "PREVIEW_ENDPOINT_NAME": ENDPOINT_NAME,
+            "LARGE_MODEL_PREVIEW_ENDPOINT_NAME": LARGE_MODEL_ENDPOINT_NAME,
+            "TRAINING_INSTANCE_TYPE": "ml.g5.2xlarge",
+            "LARGE_MODEL_FAMILIES": "true",
+            "LARGE_MODEL_TRAINING_INSTANCE_TYPE": "ml.g6e.2xlarge",
             "URL_EXPIRY_SECONDS": "600",
             "PREVIEW_TIMEOUT_SECONDS": "3600",
             "CAPACITY_WAIT_SECONDS": "3600",
@@ -126,6 +131,15 @@ def upload_dataset(dataset: str, files: dict[str, bytes]) -> None:
     s3 = boto3.client("s3", region_name=REGION)
     for relative, body in files.items():
         s3.put_object(Bucket=DATASET_BUCKET, Key=f"{dataset}/{relative}", Body=body)
+
+
+def upload_model_index(folder_uri: str, class_name: str) -> None:
+    """A diffusers folder's model_index.json (all that ingest reads of a base model)."""
+    bucket, _, prefix = folder_uri.removeprefix("s3://").partition("/")
+    body = json.dumps({"_class_name": class_name, "_diffusers_version": "0.42.1"}).encode()
+    boto3.client("s3", region_name=REGION).put_object(
+        Bucket=bucket, Key=f"{prefix}model_index.json", Body=body
+    )
 
 
 def valid_dataset_files() -> dict[str, bytes]:

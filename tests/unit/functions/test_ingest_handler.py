@@ -17,6 +17,7 @@ from functions_aws import (
     load_event,
     png,
     upload_dataset,
+    upload_model_index,
     valid_dataset_files,
 )
 from loraflow_ingest import app
@@ -219,6 +220,7 @@ def test_given_config_without_base_model_when_ingested_then_default_base_model(
         "config.toml": b'resolution = 64\n[loraflow]\npreview_prompts = ["zqxj"]\n'
     }
     upload_dataset(DATASET, files)
+    upload_model_index(DEFAULT_BASE_MODEL, "StableDiffusionPipeline")
 
     ingest(sqs_event(f"{DATASET}/config.toml"))
 
@@ -226,6 +228,7 @@ def test_given_config_without_base_model_when_ingested_then_default_base_model(
     assert job.base_model == DEFAULT_BASE_MODEL
     assert job.preview is not None and job.preview.prompts == ["zqxj"]
     assert job.preview.clip_skip is None
+    assert (job.model_family, job.compute) == ("sd15", "standard")
     assert job.warnings == []
 
 
@@ -252,3 +255,74 @@ def test_given_environment_when_handler_cold_starts_then_settings_come_from_it(
     finally:
         app.default_ingestor.cache_clear()
     assert [job.status for job in jobs(cloud)] == [JobStatus.QUEUED]
+
+
+@pytest.mark.parametrize(
+    ("class_name", "family", "compute"),
+    [
+        ("FluxPipeline", "flux1", "large"),
+        ("QwenImagePipeline", "qwen_image", "large"),
+        ("ZImagePipeline", "z_image", "standard"),
+    ],
+)
+def test_given_s3_base_model_folder_when_ingested_then_its_family_and_compute_are_recorded(
+    cloud: Cloud, ingest: Ingest, class_name: str, family: str, compute: str
+) -> None:
+    model = "s3://loraflow-artifacts/base-models/tiny-dit/"
+    upload_model_index(model, class_name)
+    config = f'pretrained_model_name_or_path = "{model}"\nresolution = 64\n'.encode()
+    upload_dataset(DATASET, valid_dataset_files() | {"config.toml": config})
+
+    ingest(sqs_event(f"{DATASET}/config.toml"))
+
+    [job] = jobs(cloud)
+    assert job.status is JobStatus.QUEUED
+    assert (job.model_family, job.compute) == (family, compute)
+    assert job.warnings == []
+
+
+def test_given_config_claiming_another_family_than_the_folder_when_ingested_then_rejected_naming_both(
+    cloud: Cloud, ingest: Ingest
+) -> None:
+    model = "s3://loraflow-artifacts/base-models/tiny-flux/"
+    upload_model_index(model, "FluxPipeline")
+    config = f'pretrained_model_name_or_path = "{model}"\nsdxl = true\nresolution = 64\n'.encode()
+    upload_dataset(DATASET, valid_dataset_files() | {"config.toml": config})
+
+    ingest(sqs_event(f"{DATASET}/config.toml"))
+
+    [job] = jobs(cloud)
+    assert job.status is JobStatus.REJECTED
+    [error] = job.errors
+    assert (error.code, error.path) == (ErrorCode.INVALID_CONFIG, "sdxl")
+    assert "sdxl = true contradicts" in error.message and "FLUX.1" in error.message
+    assert 'model_family = "flux1"' in error.message
+    assert executions(cloud) == []
+
+
+def test_given_unknown_hub_model_when_ingested_then_standard_compute_and_a_warning_naming_the_key(
+    cloud: Cloud, ingest: Ingest
+) -> None:
+    config = b'pretrained_model_name_or_path = "someone/merged-model"\nresolution = 64\n'
+    upload_dataset(DATASET, valid_dataset_files() | {"config.toml": config})
+
+    ingest(sqs_event(f"{DATASET}/config.toml"))
+
+    [job] = jobs(cloud)
+    assert job.status is JobStatus.QUEUED
+    assert (job.model_family, job.compute) == (None, "standard")
+    [warning] = job.warnings
+    assert (warning.code, warning.path) == (ErrorCode.SETTING_ADJUSTED, "model_family")
+    assert "someone/merged-model" in warning.message
+
+
+def test_given_published_flux_id_and_its_claim_when_ingested_then_large_compute(
+    cloud: Cloud, ingest: Ingest
+) -> None:
+    config = b'pretrained_model_name_or_path = "black-forest-labs/FLUX.1-dev"\nmodel_family = "flux1"\n'
+    upload_dataset(DATASET, valid_dataset_files() | {"config.toml": config + b"resolution = 64\n"})
+
+    ingest(sqs_event(f"{DATASET}/config.toml"))
+
+    [job] = jobs(cloud)
+    assert (job.status, job.model_family, job.compute) == (JobStatus.QUEUED, "flux1", "large")

@@ -22,6 +22,7 @@ from loraflow_shared.notifications import Notifier
 from pipeline_kit import JOB_ID, job_in, model_archive, record_payload, run, step
 
 FIRST_NAME = f"loraflow-{JOB_ID}-1-1"
+STANDARD = "ml.g5.2xlarge"  # TRAINING_INSTANCE_TYPE of the test environment
 QUOTA_FULL = {
     "Error": "SageMaker.ResourceLimitExceededException",
     "Cause": "The account-level service limit 'ml.g5.2xlarge for training job usage' is 1 Instances, "
@@ -86,7 +87,12 @@ def test_given_quota_full_when_retry_planned_then_wait_60s_under_a_new_name_reco
 
     result = run(tasks, context, _plan(QUOTA_FULL))
 
-    assert result == {"retry": True, "wait_seconds": 60, "training_job_name": f"loraflow-{JOB_ID}-1-2"}
+    assert result == {
+        "retry": True,
+        "wait_seconds": 60,
+        "training_job_name": f"loraflow-{JOB_ID}-1-2",
+        "instance_type": STANDARD,
+    }
     job = repository.require(JOB_ID)
     [attempt] = job.attempts
     assert attempt.training_job_names == [FIRST_NAME, f"loraflow-{JOB_ID}-1-2"]
@@ -105,7 +111,12 @@ def test_given_second_capacity_failure_when_retry_planned_then_wait_doubles_and_
 
     result = run(tasks, context, _plan(QUOTA_FULL))
 
-    assert result == {"retry": True, "wait_seconds": 120, "training_job_name": f"loraflow-{JOB_ID}-1-3"}
+    assert result == {
+        "retry": True,
+        "wait_seconds": 120,
+        "training_job_name": f"loraflow-{JOB_ID}-1-3",
+        "instance_type": STANDARD,
+    }
     [attempt] = repository.require(JOB_ID).attempts
     assert attempt.training_job_names == [FIRST_NAME] + [f"loraflow-{JOB_ID}-1-{n}" for n in (2, 3)]
     assert attempt.capacity_retries == 2
@@ -159,7 +170,12 @@ def test_given_failure_that_is_not_capacity_when_retry_planned_then_no_retry_and
 
     result = run(tasks, context, _plan(error))
 
-    assert result == {"retry": False, "wait_seconds": 0, "training_job_name": FIRST_NAME}
+    assert result == {
+        "retry": False,
+        "wait_seconds": 0,
+        "training_job_name": FIRST_NAME,
+        "instance_type": STANDARD,
+    }
     assert repository.require(JOB_ID) == before
 
 
@@ -170,7 +186,12 @@ def test_given_attempt_waited_past_capacity_window_when_retry_planned_then_gives
 
     result = run(tasks, context, _plan(QUOTA_FULL, started_at=_started(seconds_ago=2 * 3600)))
 
-    assert result == {"retry": False, "wait_seconds": 0, "training_job_name": FIRST_NAME}
+    assert result == {
+        "retry": False,
+        "wait_seconds": 0,
+        "training_job_name": FIRST_NAME,
+        "instance_type": STANDARD,
+    }
     assert repository.require(JOB_ID) == before
 
 

@@ -6,7 +6,15 @@ from typing import Any
 
 import boto3
 import pytest
-from functions_aws import ARTIFACTS_BUCKET, ENDPOINT_NAME, REGION, Cloud, FakeLambdaContext, load_event
+from functions_aws import (
+    ARTIFACTS_BUCKET,
+    ENDPOINT_NAME,
+    LARGE_MODEL_ENDPOINT_NAME,
+    REGION,
+    Cloud,
+    FakeLambdaContext,
+    load_event,
+)
 from loraflow_pipeline.adapters import build_tasks
 from loraflow_pipeline.logic import PipelineTasks
 from loraflow_pipeline.settings import PipelineSettings
@@ -32,8 +40,9 @@ def test_given_queued_job_when_training_marked_then_training(
     tasks: PipelineTasks, repository: JobRepository, context: FakeLambdaContext
 ) -> None:
     job_in(repository, JobStatus.QUEUED)
-    assert run(tasks, context, step("mark_training")) == {"training_job_name": f"loraflow-{JOB_ID}-1-1"}
-    assert run(tasks, context, step("mark_training")) == {"training_job_name": f"loraflow-{JOB_ID}-1-1"}
+    run_state = {"training_job_name": f"loraflow-{JOB_ID}-1-1", "instance_type": "ml.g5.2xlarge"}
+    assert run(tasks, context, step("mark_training")) == run_state
+    assert run(tasks, context, step("mark_training")) == run_state
     job = repository.require(JOB_ID)
     assert job.status is JobStatus.TRAINING
     assert job.attempts[0].training_job_names == [f"loraflow-{JOB_ID}-1-1"]  # a retried step names it once
@@ -136,6 +145,23 @@ def test_given_trained_job_when_previews_requested_then_request_written_and_endp
     [invocation] = async_invocations
     assert (invocation["InferenceId"], invocation["InvocationTimeoutSeconds"]) == (f"{JOB_ID}-1", 1800)
     assert invocation["RequestTTLSeconds"] == 3600 - 1800 - 120
+
+
+def test_given_large_model_job_when_marked_and_previewed_then_large_instance_and_large_endpoint(
+    tasks: PipelineTasks, repository: JobRepository, context: FakeLambdaContext
+) -> None:
+    job_in(repository, JobStatus.QUEUED, compute="large")
+    lora_uri = f"s3://{ARTIFACTS_BUCKET}/jobs/{JOB_ID}/lora/pytorch_lora_weights.safetensors"
+
+    marked = run(tasks, context, step("mark_training"))
+    run(tasks, context, step("request_previews", task_token="token-1", lora_s3_uri=lora_uri))
+
+    assert marked["instance_type"] == "ml.g6e.2xlarge"
+    backend = sagemakerruntime_backends["123456789012"][REGION]
+    assert list(backend.async_results[LARGE_MODEL_ENDPOINT_NAME]) == [
+        f"s3://{ARTIFACTS_BUCKET}/async-inference/requests/{JOB_ID}-1.json"
+    ]
+    assert ENDPOINT_NAME not in backend.async_results
 
 
 def test_given_previews_rendered_when_completed_then_completed_and_notified_once(

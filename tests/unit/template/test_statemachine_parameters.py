@@ -30,12 +30,13 @@ EXECUTION_INPUT = {
     "config_file": "config.toml",
     "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
 }
-RUN = {"training_job_name": training_job_name("ds-0123abcd", 2, 3)}
+# What MarkTraining / PlanTrainingRetry return: the name and the instance type of the job's compute class.
+RUN = {"training_job_name": training_job_name("ds-0123abcd", 2, 3), "instance_type": "ml.g6e.2xlarge"}
 SETTINGS = {"spot": True, "stopping_condition": {"MaxRuntimeInSeconds": 14400}, "preview_timeout_s": 3600}
 TRAINING = {  # the .sync task's output: DescribeTrainingJob
     "TrainingJobName": RUN["training_job_name"],
     "ModelArtifacts": {"S3ModelArtifacts": "s3://artifacts/training/m.tar.gz"},
-    "ResourceConfig": {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 50},
+    "ResourceConfig": {"InstanceType": "ml.g6e.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 50},
     "TrainingTimeInSeconds": 600,
     "BillableTimeInSeconds": 240,
     "EnableManagedSpotTraining": True,
@@ -73,7 +74,6 @@ def _substituted(use_spot: str) -> dict[str, Any]:
         "TrainingImageUri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/loraflow-training:abc1234",
         "SageMakerRoleArn": "arn:aws:iam::123456789012:role/sagemaker",
         "ArtifactsBucket": "artifacts",
-        "TrainingInstanceType": "ml.g5.2xlarge",
         "TrainingVolumeSizeGB": "50",
         "MaxTrainingSeconds": "14400",
         "UseSpotTraining": use_spot,
@@ -161,7 +161,7 @@ def test_given_execution_input_when_training_parameters_evaluated_then_valid_cre
         "HF_TOKEN_SECRET_ARN": "arn:aws:secretsmanager:us-east-1:123456789012:secret:hf-AbCdEf"
     }
     assert request["ResourceConfig"] == {
-        "InstanceType": "ml.g5.2xlarge",
+        "InstanceType": "ml.g6e.2xlarge",  # the run's: the family decides it, not one stack-wide type
         "InstanceCount": 1,
         "VolumeSizeInGB": 50,
     }

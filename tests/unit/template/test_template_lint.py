@@ -18,6 +18,7 @@ EXPECTED_OUTPUTS = {
     "AlarmTopicArn",
     "StateMachineArn",
     "PreviewEndpointName",
+    "LargeModelPreviewEndpointName",
     "JobsTableName",
 }
 

@@ -27,25 +27,28 @@ def _dimensions(alarm: dict[str, Any]) -> dict[str, Any]:
 OPERATIONS_ALARMS = [
     ("AWS/States", "ExecutionsFailed", {"StateMachineArn": "TrainingPipeline"}),
     ("AWS/States", "ExecutionsTimedOut", {"StateMachineArn": "TrainingPipeline"}),
-    ("AWS/SageMaker", "InvocationFailures", {"EndpointName": "PreviewEndpoint", "VariantName": "AllTraffic"}),
-    (
-        "AWS/SageMaker",
-        "NotificationFailures",
-        {"EndpointName": "PreviewEndpoint", "VariantName": "AllTraffic"},
+    *(
+        ("AWS/SageMaker", metric, {"EndpointName": endpoint, "VariantName": "AllTraffic"})
+        for metric in ("InvocationFailures", "NotificationFailures")
+        for endpoint in ("PreviewEndpoint", "LargeModelPreviewEndpoint")  # one per compute class
     ),
 ]
+
+
+def _watches(alarm: dict[str, Any], dimensions: dict[str, str]) -> bool:
+    """Whether each dimension names that resource (by Ref or GetAtt, exactly) or that variant."""
+    found = _dimensions(alarm)
+    return found.keys() == dimensions.keys() and all(
+        f'"{resource}"' in json.dumps(found[name]) for name, resource in dimensions.items()
+    )
 
 
 @pytest.mark.parametrize(("namespace", "metric", "dimensions"), OPERATIONS_ALARMS)
 def test_given_operations_alarm_when_inspected_then_any_occurrence_notifies_the_alarm_topic(
     transformed: dict[str, Any], namespace: str, metric: str, dimensions: dict[str, str]
 ) -> None:
-    (alarm,) = _alarms_on(transformed, namespace, metric)
+    (alarm,) = [a for a in _alarms_on(transformed, namespace, metric) if _watches(a, dimensions)]
 
-    # Each dimension names the resource it watches (by Ref or GetAtt), or the one variant.
-    assert _dimensions(alarm).keys() == dimensions.keys()
-    for name, resource in dimensions.items():
-        assert resource in json.dumps(_dimensions(alarm)[name])
     assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (0, "GreaterThanThreshold")
     assert alarm["Period"] * alarm["EvaluationPeriods"] <= 900
     assert alarm["TreatMissingData"] == "notBreaching"
@@ -226,9 +229,14 @@ def test_given_preview_auto_scaling_switch_when_inspected_then_it_removes_every_
     unswitched = sorted(
         logical_id
         for logical_id in scaling
-        if transformed["Resources"][logical_id].get("Condition") != "HasPreviewAutoScaling"
+        if transformed["Resources"][logical_id].get("Condition")
+        not in ("HasPreviewAutoScaling", "HasLargeModelPreviewAutoScaling")
     )
 
-    assert len(scaling) == 4
+    assert len(scaling) == 8  # four per preview endpoint
     assert unswitched == []
+    # The large endpoint's scaling needs both switches on.
+    assert transformed["Conditions"]["HasLargeModelPreviewAutoScaling"] == {
+        "Fn::And": [{"Condition": "HasLargeModels"}, {"Condition": "HasPreviewAutoScaling"}]
+    }
     assert transformed["Parameters"]["PreviewAutoScaling"]["Default"] == "true"

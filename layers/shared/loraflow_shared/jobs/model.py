@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loraflow_shared.dataset.objects import ObjectInfo
 from loraflow_shared.errors import Problem
+from loraflow_shared.families import DEFAULT_COMPUTE, ComputeClass
 
 
 class JobStatus(StrEnum):
@@ -133,6 +134,9 @@ class Job(_Record):
     warnings: list[Problem] = Field(default_factory=list)
     config_file: str | None = None
     base_model: str | None = None
+    # Decided at ingest (`jobs.compute`): the family when known before training, and the compute it gets.
+    model_family: str | None = None
+    compute: ComputeClass = DEFAULT_COMPUTE
     preview: PreviewSettings | None = None
     execution_arn: str | None = None
     training: TrainingSummary | None = None
