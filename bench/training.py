@@ -1,12 +1,13 @@
 """How fast does the trainer step, how much of a step is overhead, how much memory does it take?
 
 Every number comes from real runs of `python -m loraflow_training train` (a subprocess with SageMaker's
-directory layout, as the local cloud runs it) on the tiny SD and SDXL pipelines, on the CPU.
+directory layout, as the local cloud runs it) on every family's tiny pipeline (`tiny_models`), on the CPU.
 
 - Time per optimizer step: two runs that differ only in `max_train_steps`; the difference of their
   `training_report.json` seconds over the difference of steps. Setup (loading, latent caching) cancels.
-- Step overhead: that time over a bare forward+backward of the same UNet, with the same LoRA adapters,
-  at the same batch shape (latents and text embeddings given), timed in this process.
+- Step overhead: that time (denoiser-only runs) over a bare forward+backward of the same denoiser through
+  the family's `predict`, with the same LoRA adapters, at the same batch shape (latents, conditioning and
+  the objective's draw given), timed in this process.
 - Peak RSS: the training process's, from `os.wait4` (this child's own rusage, not the max of all children).
 """
 
@@ -24,7 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from loraflow_diffusion.tiny import build_tiny_sd, build_tiny_sdxl
+from loraflow_diffusion.families import family_named, family_of
+from loraflow_diffusion.models import load_pipeline
+from loraflow_diffusion.tiny_models import TINY_MODELS, build_tiny_models
+from loraflow_shared.dataset.config import TrainingConfig
+from loraflow_training.loss import build_objective
 from peft import LoraConfig
 from PIL import Image
 
@@ -45,6 +50,8 @@ train_batch_size = {batch}
 learning_rate = 1e-4
 seed = 0
 mixed_precision = "no"
+# The tiny FLUX.1's T5 pads every caption to this (ignored, with a warning, by the other families).
+t5xxl_max_token_length = {t5_tokens}
 {extra}
 
 [network_arguments]
@@ -52,6 +59,7 @@ network_dim = {rank}
 network_alpha = {rank}
 """
 UNET_ONLY = "network_train_unet_only = true"
+T5_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -79,20 +87,26 @@ class StepTiming:
 
 def run() -> list[dict[str, Any]]:
     torch.set_num_threads(THREADS)
+    entries: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="loraflow-bench-training-") as folder:
         root = Path(folder)
-        sd = build_tiny_sd(root / "tiny-sd")
-        sdxl = build_tiny_sdxl(root / "tiny-sdxl")
-        unet_only = time_steps(root / "sd-unet-only", sd, UNET_ONLY)
-        bare = bare_unet_step_seconds(sd)
-        sd_default = time_steps(root / "sd", sd)
-        sdxl_default = time_steps(root / "sdxl", sdxl)
+        for model in build_tiny_models(root / "models"):
+            entries += _family_entries(root / model.name, model)
+    return [*entries, *_gpu_entries()]
+
+
+def _family_entries(root: Path, model: Path) -> list[dict[str, Any]]:
+    """Overhead (denoiser-only runs), steps/s and peak RSS (default plan) of one family's tiny model."""
+    tag, label = model.name.removeprefix("tiny-"), TINY_MODELS[model.name][0]
+    denoiser_only = time_steps(root / "denoiser-only", model, UNET_ONLY)
+    bare = bare_denoiser_step_seconds(model)
+    # A family whose text encoders never train runs the same plan either way: measured once.
+    trains_text = family_named(label).text_encoders_trainable
+    default = time_steps(root / "default", model) if trains_text else denoiser_only
     return [
-        _overhead_entry(unet_only, bare),
-        _speed_entry("train_steps_per_second_tiny_sd", sd_default, "tiny SD"),
-        _speed_entry("train_steps_per_second_tiny_sdxl", sdxl_default, "tiny SDXL"),
-        _rss_entry(sd_default.long),
-        *_gpu_entries(),
+        _overhead_entry(tag, label, denoiser_only, bare),
+        _speed_entry(f"train_steps_per_second_tiny_{tag}", default, f"tiny {label}"),
+        _rss_entry(tag, label, default.long),
     ]
 
 
@@ -156,38 +170,45 @@ def _write_dataset(dataset: Path, steps: int, extra: str) -> Path:
     for index in range(IMAGES):
         pixels = rng.integers(0, 255, size=(RESOLUTION, RESOLUTION, 3), dtype=np.uint8)
         Image.fromarray(pixels, "RGB").save(folder / f"img{index}.png")
-    config = CONFIG.format(resolution=RESOLUTION, steps=steps, batch=BATCH, rank=RANK, extra=extra)
+    config = CONFIG.format(
+        resolution=RESOLUTION, steps=steps, batch=BATCH, rank=RANK, t5_tokens=T5_TOKENS, extra=extra
+    )
     (dataset / CONFIG_FILE).write_text(config, encoding="utf-8")
     return dataset
 
 
-def bare_unet_step_seconds(model: Path) -> float:
-    """Forward + backward of the tiny SD UNet with LoRA adapters like the trainer's, batch `BATCH`."""
-    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
-    from loraflow_diffusion.families import family_named
-
-    unet = UNet2DConditionModel.from_pretrained(model / "unet")
-    unet.requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(
-            r=RANK,
-            lora_alpha=RANK,
-            init_lora_weights="gaussian",
-            target_modules=list(family_named("sd15").denoiser_target_modules),
-        )
+def bare_denoiser_step_seconds(model: Path) -> float:
+    """Forward + backward of the tiny model's denoiser with LoRA adapters like the trainer's, batch `BATCH`,
+    through the family's `predict` (packing, position ids, guidance: what every step must do)."""
+    cpu = torch.device("cpu")
+    config = TrainingConfig(t5xxl_max_token_length=T5_TOKENS, resolution=(RESOLUTION, RESOLUTION))
+    pipe = load_pipeline(str(model), device=cpu, dtype=torch.float32, cache_dir=model / ".cache")
+    family = family_of(pipe)
+    family.adopt_config(pipe, config)
+    denoiser = family.denoiser(pipe)
+    denoiser.requires_grad_(False)
+    lora = LoraConfig(
+        r=RANK,
+        lora_alpha=RANK,
+        init_lora_weights="gaussian",
+        target_modules=list(family.denoiser_target_modules),
     )
-    unet.train()
+    denoiser.add_adapter(lora)
+    denoiser.train()
     generator = torch.Generator().manual_seed(0)
-    side = RESOLUTION // 8
-    latents = torch.randn((BATCH, unet.config.in_channels, side, side), generator=generator)
-    text = torch.randn((BATCH, 77, unet.config.cross_attention_dim), generator=generator)
-    timesteps = torch.randint(0, 1000, (BATCH,), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator)
+    with torch.no_grad():
+        cond = family.encode_prompts(pipe, ["bnch"] * BATCH, (RESOLUTION, RESOLUTION))
+    side = RESOLUTION // pipe.vae_scale_factor
+    latents = torch.randn((BATCH, family.latent_channels(pipe), side, side), generator=generator)
+    objective = build_objective(family, pipe, config, cpu)
+    draw = objective.draw(latents.shape, generator)
+    noisy, timesteps = objective.noisy_latents(latents, draw), objective.model_timesteps(draw)
+    target = objective.target(latents, draw)
 
     def step() -> None:
-        prediction = unet(latents, timesteps, encoder_hidden_states=text).sample
-        torch.nn.functional.mse_loss(prediction, noise).backward()
-        unet.zero_grad(set_to_none=True)
+        prediction = family.predict(denoiser, noisy, timesteps, cond)
+        torch.nn.functional.mse_loss(prediction, target).backward()
+        denoiser.zero_grad(set_to_none=True)
 
     for _ in range(BARE_WARMUP):
         step()
@@ -204,9 +225,9 @@ def _shape() -> str:
     return f"batch {BATCH}, {RESOLUTION}x{RESOLUTION}, LoRA rank {RANK}, fp32, {THREADS} torch thread(s)"
 
 
-def _overhead_entry(timing: StepTiming, bare_seconds: float) -> dict[str, Any]:
+def _overhead_entry(tag: str, family: str, timing: StepTiming, bare_seconds: float) -> dict[str, Any]:
     return {
-        "name": "train_step_overhead_tiny_sd",
+        "name": f"train_step_overhead_tiny_{tag}",
         "value": round(timing.seconds_per_step / bare_seconds, 3),
         "unit": "ratio",
         "target": 1.15,
@@ -214,20 +235,21 @@ def _overhead_entry(timing: StepTiming, bare_seconds: float) -> dict[str, Any]:
             f"trainer time per optimizer step {timing.seconds_per_step * 1000:.1f} ms (runs of "
             f"{SHORT_STEPS} and {LONG_STEPS} steps differenced, fastest of {REPEATS} each; LoRA on "
             f"{timing.long.lora_on} only, cached latents and text embeddings, default checkpoint "
-            f"cadence) / bare UNet+LoRA forward+backward {bare_seconds * 1000:.1f} ms (fastest of "
-            f"{BARE_BLOCKS * REPEATS} means of {BARE_BLOCK_ITERATIONS}); tiny SD, {_shape()}, CPU"
+            f"cadence) / bare denoiser+LoRA forward+backward through the family's predict "
+            f"{bare_seconds * 1000:.1f} ms (fastest of {BARE_BLOCKS * REPEATS} means of "
+            f"{BARE_BLOCK_ITERATIONS}); tiny {family}, {_shape()}, CPU"
         ),
     }
 
 
-def _rss_entry(run: TrainerRun) -> dict[str, Any]:
+def _rss_entry(tag: str, family: str, run: TrainerRun) -> dict[str, Any]:
     return {
-        "name": "train_peak_rss_mb_tiny_sd",
+        "name": f"train_peak_rss_mb_tiny_{tag}",
         "value": run.peak_rss_mb,
         "unit": "MiB",
         "target": None,
         "notes": (
-            f"peak RSS of the whole training process (os.wait4), {run.steps}-step run of the tiny SD, "
+            f"peak RSS of the whole training process (os.wait4), {run.steps}-step run of the tiny {family}, "
             f"{_shape()}, default CPU plan (LoRA on {run.lora_on}); includes the imports and the "
             "post-training effect renders"
         ),

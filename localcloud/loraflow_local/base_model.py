@@ -1,4 +1,5 @@
-"""The local default base model: the tiny SD pipeline, built once per state dir and uploaded to S3.
+"""The local base models: every family's tiny pipeline (`loraflow_diffusion.tiny_models`), built once per
+state dir and uploaded to `s3://<ArtifactsBucket>/base-models/<name>/`; `tiny-sd` is the default.
 
 Built in a child process so torch never loads into the local cloud's own process.
 """
@@ -15,26 +16,27 @@ from loraflow_local.s3_util import split_s3_uri
 
 LOG = logging.getLogger(__name__)
 
-TINY_MODEL_PREFIX = "base-models/tiny-sd/"
+BASE_MODELS_PREFIX = "base-models/"
+DEFAULT_TINY_MODEL = "tiny-sd"  # loraflow_diffusion.tiny_models.DEFAULT_TINY_MODEL (torch-free here)
 _BUILD_SCRIPT = (
-    "import sys, pathlib; from loraflow_diffusion.tiny import build_tiny_sd; "
-    "build_tiny_sd(pathlib.Path(sys.argv[1]))"
+    "import sys, pathlib; from loraflow_diffusion.tiny_models import build_tiny_models; "
+    "build_tiny_models(pathlib.Path(sys.argv[1]))"
 )
 
 
-def tiny_model_uri(artifacts_bucket: str) -> str:
-    return f"s3://{artifacts_bucket}/{TINY_MODEL_PREFIX}"
+def tiny_model_uri(artifacts_bucket: str, name: str = DEFAULT_TINY_MODEL) -> str:
+    return f"s3://{artifacts_bucket}/{BASE_MODELS_PREFIX}{name}/"
 
 
-def ensure_tiny_model(cache_dir: Path) -> Path:
-    """Build the tiny pipeline into `cache_dir` unless a complete build is already there."""
+def ensure_tiny_models(cache_dir: Path) -> list[Path]:
+    """Build every tiny model into `cache_dir/<name>/` unless a complete build is already there."""
     done = cache_dir / ".complete"
     if not done.is_file():
-        LOG.info("building the tiny base model in %s", cache_dir)
+        LOG.info("building the tiny base models in %s", cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, str(cache_dir)], check=True)
         done.touch()
-    return cache_dir
+    return sorted(path for path in cache_dir.iterdir() if path.is_dir())
 
 
 def upload_folder(s3: Any, folder: Path, uri: str) -> int:

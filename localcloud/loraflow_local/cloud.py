@@ -32,7 +32,7 @@ from moto.server import ThreadedMotoServer
 
 from loraflow_local import moto_patches
 from loraflow_local.api_router import RestApiRouter, build_routes
-from loraflow_local.base_model import ensure_tiny_model, tiny_model_uri, upload_folder
+from loraflow_local.base_model import ensure_tiny_models, tiny_model_uri, upload_folder
 from loraflow_local.intrinsics import Deployed, Resolver, TemplateError
 from loraflow_local.lambda_runtime import ModuleSandbox
 from loraflow_local.persistence import (
@@ -160,8 +160,9 @@ class LocalCloud:
         self._modules = ModuleSandbox(services.lambdas.code_paths())
         self._modules.enter()
         if stack.parameters.get("DefaultBaseModel") == local_defaults["DefaultBaseModel"]:
-            model = ensure_tiny_model(self.state_dir / "base-models" / "tiny-sd")
-            upload_folder(ctx.client("s3"), model, str(stack.parameters["DefaultBaseModel"]))
+            artifacts = bucket_name(self.stack_name, "ArtifactsBucket")
+            for model in ensure_tiny_models(self.state_dir / "base-models"):
+                upload_folder(ctx.client("s3"), model, tiny_model_uri(artifacts, model.name))
         self._pollers = [SqsPoller(mapping, services.lambdas, self.region) for mapping in ctx.sqs_mappings]
         for poller in self._pollers:
             poller.start()

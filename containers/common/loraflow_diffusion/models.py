@@ -178,10 +178,9 @@ def _load_single_file_with_config(
 
 
 def _single_file_loader(family: ModelFamily) -> Callable[..., DiffusionPipeline]:
-    """The pipeline's `from_single_file`; the DiT families' pipelines have none (their checkpoints ship as
-    diffusers folders, their single files hold the transformer alone)."""
+    """The pipeline's `from_single_file`, for families whose single files it loads (`loads_single_file`)."""
     loader = getattr(family.pipeline_class, "from_single_file", None)
-    if loader is None:
+    if loader is None or not family.loads_single_file:
         raise _Unloadable(
             f"{family.description} cannot load from a single file: give its diffusers folder"
             " (model_index.json with its component folders)"

@@ -35,6 +35,7 @@ from loraflow_training.distributed import (
     process_state,
 )
 from loraflow_training.failure import problem_for, write_failure
+from loraflow_training.family_sizes import fit_sizes_to_family
 from loraflow_training.memory_plan import MemoryPlan, plan_memory
 from loraflow_training.network import target_modules
 from loraflow_training.oom import is_out_of_memory, out_of_memory_error
@@ -137,6 +138,10 @@ def prepare_run(paths: TrainingPaths, hyperparameters: Hyperparameters) -> Prepa
         )
     family = family_of(pipe)
     family.adopt_config(pipe, config)
+    config, size_notes = fit_sizes_to_family(config, family.pixel_multiple)
+    if size_notes:  # buckets again at sizes the family takes (decoding the images once more)
+        parsed = parsed.model_copy(update={"config": config})
+        data = load_training_data(paths.channel(DATASET_CHANNEL), config)
     eight_bit = bitsandbytes_available()
     largest = max((s.bucket for s in data.samples), key=lambda size: size[0] * size[1])
     plan = plan_memory(config, family.footprint, largest, device_memory_bytes(state.device), eight_bit)
@@ -144,7 +149,7 @@ def prepare_run(paths: TrainingPaths, hyperparameters: Hyperparameters) -> Prepa
         config, plan, family, data, processes=state.num_processes, eight_bit_available=eight_bit
     )
     logger.info("memory plan: %s", plan.describe())
-    return PreparedRun(parsed, data, pipe, family, plan, run, adjusted, state.num_processes)
+    return PreparedRun(parsed, data, pipe, family, plan, run, size_notes + adjusted, state.num_processes)
 
 
 def _persistence(

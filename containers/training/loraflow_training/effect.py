@@ -100,7 +100,9 @@ def _render(
     # One generator per prompt, seeded alike for both renders: the only difference is the LoRA.
     generators = [torch.Generator(pipe.device).manual_seed(seed + i) for i in range(len(prompts))]
     images = pipe(
-        prompts,
+        # By name: not every pipeline takes it first (FLUX.2 klein's first is `image`). A copy: a pipeline may
+        # rewrite the list it is given (ZImagePipeline writes its chat-templated prompts into it).
+        prompt=list(prompts),
         num_inference_steps=steps,
         width=width,
         height=height,

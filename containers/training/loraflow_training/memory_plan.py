@@ -126,7 +126,7 @@ def plan_memory(
         eight_bit_runs=bitsandbytes_available,
     )
     pinned = pinned_keys(config)
-    knobs = _starting_knobs(config, on_gpu)
+    knobs = _starting_knobs(config, on_gpu, _text_trainable(footprint))
     reasons = _pin_notes(config, bitsandbytes_available)
     if device_memory_bytes is None:
         reasons.insert(
@@ -134,7 +134,8 @@ def plan_memory(
         )
         return _plan(knobs, job, None, True, reasons, pinned)
     budget = int(device_memory_bytes * BUDGET_FRACTION)
-    knobs, taken = _fit(knobs, job, budget, _turnable(config, bitsandbytes_available))
+    turns = _turnable(config, bitsandbytes_available, _text_trainable(footprint))
+    knobs, taken = _fit(knobs, job, budget, turns)
     reasons += taken
     fits = estimate_breakdown(knobs, job)["total"] <= budget
     reasons.append(_verdict(knobs, job, budget, device_memory_bytes, fits, config))
@@ -153,14 +154,19 @@ def pinned_keys(config: TrainingConfig) -> list[str]:
     return [key for key, value in values.items() if value is not None]
 
 
-def _starting_knobs(config: TrainingConfig, on_gpu: bool) -> Knobs:
+def _text_trainable(footprint: Footprint) -> bool:
+    """A family whose text encoders take no LoRA (LLM encoders) trains the denoiser alone, always."""
+    return footprint.text_encoder_lora_params_per_rank > 0
+
+
+def _starting_knobs(config: TrainingConfig, on_gpu: bool, text_trainable: bool) -> Knobs:
     """Pinned values as they are; the rest at their fastest (the CPU trains one image at a time)."""
     default_batch = PREFERRED_GPU_BATCH_SIZE if on_gpu else 1
     return Knobs(
         cache_latents=True if config.cache_latents is None else config.cache_latents,
         gradient_checkpointing=bool(config.gradient_checkpointing),
         optimizer=config.optimizer_type or "AdamW",
-        train_unet_only=bool(config.network_train_unet_only),
+        train_unet_only=bool(config.network_train_unet_only) or not text_trainable,
         batch_size=config.train_batch_size or default_batch,
     )
 
@@ -168,14 +174,16 @@ def _starting_knobs(config: TrainingConfig, on_gpu: bool) -> Knobs:
 Turn = Callable[[Knobs], Knobs | None]  # the knobs with one more saving taken, None when none is left
 
 
-def _turnable(config: TrainingConfig, bitsandbytes_available: bool) -> list[tuple[str, Turn]]:
+def _turnable(
+    config: TrainingConfig, bitsandbytes_available: bool, text_trainable: bool
+) -> list[tuple[str, Turn]]:
     """The unpinned knobs, cheapest first, each as a function taking its saving."""
     turns: list[tuple[str, Turn]] = []
     if config.gradient_checkpointing is None:
         turns.append(("gradient_checkpointing on", _with(gradient_checkpointing=True)))
     if config.optimizer_type is None and bitsandbytes_available:
         turns.append(("optimizer AdamW8bit", _with(optimizer="AdamW8bit")))
-    if config.network_train_unet_only is None:
+    if config.network_train_unet_only is None and text_trainable:
         turns.append(("UNet-only training (text encoders not trained)", _with(train_unet_only=True)))
     if config.train_batch_size is None:
         turns.append(("batch", _smaller_batch))

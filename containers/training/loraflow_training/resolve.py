@@ -56,7 +56,8 @@ def resolve_run(
             optimizer=optimizer,
             gradient_checkpointing=plan.gradient_checkpointing,
             cache_latents=plan.cache_latents,
-            train_text_encoder=not plan.train_unet_only,
+            # A family whose text encoders never train (LLM encoders) encodes captions once, not per step.
+            train_text_encoder=not plan.train_unet_only and family.text_encoders_trainable,
             clip_skip=clip_skip,
             total_steps=config.total_steps(batches_per_epoch),
             checkpoint_every_steps=config.save_every_n_steps or DEFAULT_CHECKPOINT_STEPS,

@@ -7,6 +7,7 @@ from typing import Protocol
 from aws_lambda_powertools import Logger
 from loraflow_shared.contracts import TrainingProgress
 from loraflow_shared.errors import Problem
+from loraflow_shared.families import ComputeClass
 from loraflow_shared.jobs.control import JobControl, cancelled_by_user
 from loraflow_shared.jobs.cost import total_cost
 from loraflow_shared.jobs.errors import JobNotFound
@@ -65,6 +66,10 @@ class JobView(_View):
     created_at: str
     updated_at: str
     base_model: str | None
+    # The base model's family when known before training (null: the trainer tells it, in the report),
+    # and the compute class it trains and renders on ("standard" or "large").
+    model_family: str | None
+    compute: ComputeClass
     training: TrainingSummary | None
     artifacts: ArtifactLinks | None
     previews: list[PreviewLink]
@@ -110,6 +115,8 @@ def job_view(job: Job, signer: UrlSigner, progress: ProgressView | None = None) 
         created_at=job.created_at,
         updated_at=job.updated_at,
         base_model=job.base_model,
+        model_family=job.model_family,
+        compute=job.compute,
         training=job.training,
         artifacts=artifacts,
         previews=[PreviewLink(prompt=p.prompt, url=signer.presign(p.s3_uri)) for p in job.previews],

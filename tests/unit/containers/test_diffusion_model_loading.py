@@ -93,13 +93,15 @@ def test_given_folder_without_model_index_when_loaded_then_model_load_failed(tmp
 
 
 def test_given_unsupported_pipeline_class_when_loaded_then_model_load_failed(tmp_path: Path) -> None:
-    folder = tmp_path / "flux"
+    folder = tmp_path / "sd3"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}), encoding="utf-8")
+    index = {"_class_name": "StableDiffusion3Pipeline"}
+    (folder / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
 
     error = _load_error(str(folder), tmp_path)
 
-    assert "'FluxPipeline' is not supported" in error.message
+    assert "'StableDiffusion3Pipeline' is not supported" in error.message
+    assert "'FluxPipeline'" in error.message and "'ZImagePipeline'" in error.message  # what is supported
 
 
 def test_given_corrupt_safetensors_file_when_loaded_then_model_load_failed(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,17 +28,25 @@ from lora_clients import (
     comfyui_flux_lora_key_map,
     comfyui_flux_to_diffusers,
 )
+from lora_testing import (
+    delta,
+    forward,
+    kohya_modules,
+    kohya_pair,
+    linear_names,
+    matching,
+    peft_lora,
+    random_lora,
+    randomize,
+    trainer_kohya,
+)
 from loraflow_diffusion.families.flux_names import (
-    ModuleLora,
     bfl_loras,
     bfl_modules,
     flux_kohya_names,
     kohya_flux_names,
 )
-from loraflow_training.kohya import ComponentLora, to_kohya_state_dict
 from peft import LoraConfig
-from peft.tuners.lora import LoraLayer
-from peft.utils import get_peft_model_state_dict
 
 pytestmark = pytest.mark.slow  # builds FLUX.1-dev's transformer (on the meta device) and runs a small one
 
@@ -109,7 +116,7 @@ def small_base() -> FluxTransformer2DModel:
     """A small FLUX transformer, every weight random (seeded), no LoRA."""
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(**SMALL_CONFIG).eval()
-    _randomize(transformer.parameters(), seed=1, std=0.1)
+    randomize(transformer.parameters(), seed=1, std=0.1)
     return transformer
 
 
@@ -137,14 +144,14 @@ def test_given_flux1_dev_with_diffusers_default_targets_when_named_for_kohya_the
     transformer = copy.deepcopy(flux1_dev)
     with torch.device("meta"):
         transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(DIFFUSERS_TARGETS)))
-    state, alphas = _peft_lora(transformer)
+    state, alphas = peft_lora(transformer)
 
     converted = kohya_flux_names(state, alphas, FLUX1_DEV_TRANSFORMER_CONFIG)
 
     flux_map = comfyui_flux_to_diffusers(FLUX1_DEV_TRANSFORMER_CONFIG, COMFY)
     model = _bfl_shapes(flux1_dev, flux_map)
     key_map = comfyui_flux_lora_key_map(model, flux_map)
-    modules = _kohya_modules(converted)
+    modules = kohya_modules(converted)
     # sd-scripts' networks/flux_merge_lora.py names a BFL model's weights the same way (`lora_unet_` + path).
     assert modules <= set(key_map)
     # Every peft module is in the converted file: the ranks ComfyUI's map sends to each BFL weight add up.
@@ -204,7 +211,7 @@ def test_given_a_flux_transformer_when_its_linears_are_grouped_then_each_has_one
     modules = bfl_modules(config)
 
     parts = [part for module in modules for part in module.parts]
-    assert sorted(parts) == sorted(_linear_names(transformer))  # each Linear once
+    assert sorted(parts) == sorted(linear_names(transformer))  # each Linear once
     for module in modules:  # the BFL name is where ComfyUI puts each part, in the same rows
         start = 0
         for part, rows in zip(module.parts, module.rows, strict=True):
@@ -224,7 +231,7 @@ def test_given_equal_q_k_v_loras_when_fused_then_rank_and_alpha_are_3x_and_the_u
         "transformer_blocks.0.attn.to_k",
         "transformer_blocks.0.attn.to_v",
     )
-    loras = {part: _random_lora(32, 32, rank=2, alpha=3.0, seed=index) for index, part in enumerate(parts)}
+    loras = {part: random_lora(32, 32, rank=2, alpha=3.0, seed=index) for index, part in enumerate(parts)}
 
     fused = bfl_loras(loras, SMALL_CONFIG)["double_blocks.0.img_attn.qkv"]
 
@@ -238,13 +245,13 @@ def test_given_equal_q_k_v_loras_when_fused_then_rank_and_alpha_are_3x_and_the_u
 
 def test_given_single_block_q_k_v_without_proj_mlp_when_fused_then_linear1_has_zero_mlp_rows() -> None:
     parts = [f"single_transformer_blocks.1.attn.to_{name}" for name in "qkv"]
-    loras = {part: _random_lora(32, 32, rank=4, alpha=4.0, seed=index) for index, part in enumerate(parts)}
+    loras = {part: random_lora(32, 32, rank=4, alpha=4.0, seed=index) for index, part in enumerate(parts)}
 
     fused = bfl_loras(loras, SMALL_CONFIG)["single_blocks.1.linear1"]
 
     assert fused.up.shape == (3 * 32 + 4 * 32, 12)
     assert not fused.up[3 * 32 :].any()
-    assert _delta(fused)[: 3 * 32].allclose(torch.cat([_delta(loras[part]) for part in parts]))
+    assert delta(fused)[: 3 * 32].allclose(torch.cat([delta(loras[part]) for part in parts]))
 
 
 @pytest.mark.parametrize(
@@ -260,7 +267,7 @@ def test_given_fused_parts_with_any_ranks_and_alphas_when_fused_then_the_fused_l
 ) -> None:
     parts = [f"transformer_blocks.1.attn.add_{name}_proj" for name in "qkv"]
     loras = {
-        part: _random_lora(32, 32, rank, alpha, seed=index)
+        part: random_lora(32, 32, rank, alpha, seed=index)
         for index, (part, rank, alpha) in enumerate(zip(parts, ranks, alphas, strict=True))
     }
 
@@ -269,18 +276,18 @@ def test_given_fused_parts_with_any_ranks_and_alphas_when_fused_then_the_fused_l
     assert fused.rank == sum(ranks)
     # Equal scales keep the alpha (scale * rank); different ones are folded into the up (alpha = rank).
     assert fused.alpha == (sum(ranks) if folded else alphas[0] / ranks[0] * sum(ranks))
-    expected = torch.cat([_delta(loras[part]) for part in parts])
-    assert (_delta(fused) - expected).abs().max() < TOLERANCE
+    expected = torch.cat([delta(loras[part]) for part in parts])
+    assert (delta(fused) - expected).abs().max() < TOLERANCE
 
 
 def test_given_the_final_modulation_when_converted_then_its_halves_swap_and_its_scale_is_folded() -> None:
-    lora = _random_lora(32, 2 * 32, rank=4, alpha=2.0, seed=0)
+    lora = random_lora(32, 2 * 32, rank=4, alpha=2.0, seed=0)
 
     fused = bfl_loras({"norm_out.linear": lora}, SMALL_CONFIG)["final_layer.adaLN_modulation.1"]
 
-    scale_then_shift = _delta(lora)
+    scale_then_shift = delta(lora)
     assert fused.alpha == fused.rank  # diffusers' kohya loader ignores final_layer alphas
-    assert _delta(fused).allclose(torch.cat([scale_then_shift[32:], scale_then_shift[:32]]))
+    assert delta(fused).allclose(torch.cat([scale_then_shift[32:], scale_then_shift[:32]]))
 
 
 # -- refusals ---------------------------------------------------------------------------------------------
@@ -289,36 +296,39 @@ def test_given_the_final_modulation_when_converted_then_its_halves_swap_and_its_
 @pytest.mark.parametrize(
     ("key", "message"),
     [
-        ("transformer_transformer_blocks_2_attn_to_q.lora_down.weight", "no BFL"),  # the config has 2 blocks
-        ("transformer_pos_embed_proj.lora_down.weight", "no BFL"),
+        (
+            "transformer_transformer_blocks_2_attn_to_q.lora_down.weight",
+            "no ComfyUI/sd-scripts name",
+        ),  # the config has 2 blocks
+        ("transformer_pos_embed_proj.lora_down.weight", "no ComfyUI/sd-scripts name"),
         ("transformer_transformer_blocks_0_attn_to_q.dora_scale", "not a plain LoRA"),
     ],
 )
 def test_given_a_module_or_key_with_no_bfl_counterpart_when_converted_then_it_is_refused(
     key: str, message: str
 ) -> None:
-    kohya = _kohya_pair("transformer_transformer_blocks_0_attn_to_q", 32, 32) | {key: torch.zeros(2, 32)}
+    kohya = kohya_pair("transformer_transformer_blocks_0_attn_to_q", 32, 32) | {key: torch.zeros(2, 32)}
 
     with pytest.raises(ValueError, match=message):
         flux_kohya_names(kohya, SMALL_CONFIG)
 
 
 def test_given_a_lora_wider_than_the_config_says_when_converted_then_it_is_refused() -> None:
-    kohya = _kohya_pair("transformer_single_transformer_blocks_0_proj_mlp", 32, 3 * 32)
+    kohya = kohya_pair("transformer_single_transformer_blocks_0_proj_mlp", 32, 3 * 32)
 
     with pytest.raises(ValueError, match="rows"):
         flux_kohya_names(kohya, SMALL_CONFIG)
 
 
 def test_given_clip_l_keys_when_the_transformer_is_renamed_then_they_stay_as_sd_scripts_name_them() -> None:
-    clip = _kohya_pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 768, 768)
-    transformer = _kohya_pair("transformer_transformer_blocks_0_attn_to_out_0", 32, 32)
+    clip = kohya_pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 768, 768)
+    transformer = kohya_pair("transformer_transformer_blocks_0_attn_to_out_0", 32, 32)
 
     converted = flux_kohya_names(clip | transformer, SMALL_CONFIG)
 
     assert all(converted[key] is value for key, value in clip.items())
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in comfyui_clip_l_lora_names(12)
-    assert _kohya_modules(converted) == {
+    assert kohya_modules(converted) == {
         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
         "lora_unet_double_blocks_0_img_attn_proj",
     }
@@ -332,7 +342,7 @@ def test_given_a_small_flux_lora_when_comfyui_merges_its_kohya_file_then_the_out
     lora_shape: str, small_base: FluxTransformer2DModel, small_inputs: dict[str, torch.Tensor]
 ) -> None:
     trained = _with_lora(small_base, lora_shape)
-    kohya = flux_kohya_names(_trainer_kohya(trained), small_base.config)
+    kohya = flux_kohya_names(trainer_kohya(trained), small_base.config)
 
     flux_map = comfyui_flux_to_diffusers(SMALL_CONFIG, COMFY)
     model = comfyui_convert_diffusers_flux(_cloned(small_base.state_dict()), flux_map)
@@ -341,9 +351,9 @@ def test_given_a_small_flux_lora_when_comfyui_merges_its_kohya_file_then_the_out
     merged.load_state_dict(bfl_flux_to_diffusers(model, flux_map), strict=True)
 
     assert not_loaded == []
-    expected = _forward(trained, small_inputs)
-    assert (expected - _forward(small_base, small_inputs)).abs().max() > 0.1  # the LoRA matters
-    assert (_forward(merged, small_inputs) - expected).abs().max() < TOLERANCE
+    expected = forward(trained, small_inputs)
+    assert (expected - forward(small_base, small_inputs)).abs().max() > 0.1  # the LoRA matters
+    assert (forward(merged, small_inputs) - expected).abs().max() < TOLERANCE
 
 
 @pytest.mark.parametrize("lora_shape", LORAS)
@@ -351,28 +361,28 @@ def test_given_a_small_flux_lora_when_diffusers_loads_its_kohya_file_then_the_ou
     lora_shape: str, small_base: FluxTransformer2DModel, small_inputs: dict[str, torch.Tensor]
 ) -> None:
     trained = _with_lora(small_base, lora_shape, exclude=LINEAR1_PARTS)
-    kohya = flux_kohya_names(_trainer_kohya(trained), small_base.config)
+    kohya = flux_kohya_names(trainer_kohya(trained), small_base.config)
 
     loaded = copy.deepcopy(small_base)
     loaded.load_lora_adapter(_diffusers_lora(kohya), prefix="transformer")
 
-    expected = _forward(trained, small_inputs)
-    assert (expected - _forward(small_base, small_inputs)).abs().max() > 0.1
-    assert (_forward(loaded, small_inputs) - expected).abs().max() < TOLERANCE
+    expected = forward(trained, small_inputs)
+    assert (expected - forward(small_base, small_inputs)).abs().max() > 0.1
+    assert (forward(loaded, small_inputs) - expected).abs().max() < TOLERANCE
 
 
 def test_given_the_peft_lora_or_the_trainers_kohya_dict_when_converted_then_both_give_the_same_file(
     small_base: FluxTransformer2DModel,
 ) -> None:
     trained = _with_lora(small_base, "mixed-scales")
-    state, alphas = _peft_lora(trained)
+    state, alphas = peft_lora(trained)
 
     from_peft = kohya_flux_names(state, alphas, SMALL_CONFIG)
     # The shape really mixes ranks and scales (peft applied the patterns).
     ranks = {module: int(state[f"{module}.lora_A.weight"].shape[0]) for module in alphas}
     assert set(ranks.values()) == {1, 2, 3, 5, 6}
     assert {alphas[module] / ranks[module] for module in alphas} == {0.5, 1.0, 2.0, 4.0, 6.0}
-    from_kohya = flux_kohya_names(_trainer_kohya(trained), SMALL_CONFIG)
+    from_kohya = flux_kohya_names(trainer_kohya(trained), SMALL_CONFIG)
 
     assert from_peft.keys() == from_kohya.keys()
     assert all(torch.equal(from_peft[key], from_kohya[key]) for key in from_peft)
@@ -386,14 +396,14 @@ def test_given_a_flux1_dev_lora_of_mixed_scales_when_diffusers_loads_its_kohya_f
 ) -> None:
     # Every Linear but proj_mlp (`linear1` gets zero rows), ranks 1-5, scales 0.5-4: real widths, small file.
     transformer = copy.deepcopy(flux1_dev)
-    targets = [name for name in _linear_names(transformer) if not name.endswith("proj_mlp")]
-    rank_pattern, alpha_pattern = _matching(MIXED_RANKS, targets), _matching(MIXED_ALPHAS, targets)
+    targets = [name for name in linear_names(transformer) if not name.endswith("proj_mlp")]
+    rank_pattern, alpha_pattern = matching(MIXED_RANKS, targets), matching(MIXED_ALPHAS, targets)
     config = LoraConfig(
         r=1, lora_alpha=3, target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern
     )
     with torch.device("meta"):
         transformer.add_adapter(config)
-    shapes, alphas = _peft_lora(transformer)
+    shapes, alphas = peft_lora(transformer)
     generator = torch.Generator().manual_seed(0)
     state = {key: torch.randn(value.shape, generator=generator) * 0.1 for key, value in shapes.items()}
 
@@ -430,60 +440,22 @@ def _diffusers_lora(kohya: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-def _linear_names(transformer: torch.nn.Module) -> list[str]:
-    return [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
-
-
-def _peft_lora(transformer: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """peft's state dict (`<module>.lora_A.weight`) and each module's alpha, as the trainer reads them."""
-    alphas = {
-        name: float(layer.lora_alpha["default"])
-        for name, layer in transformer.named_modules()
-        if isinstance(layer, LoraLayer) and "default" in layer.r
-    }
-    return get_peft_model_state_dict(transformer), alphas
-
-
-def _trainer_kohya(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What the trainer hands the family's `kohya_names`: diffusers' converter on the transformer's LoRA."""
-    state, alphas = _peft_lora(transformer)
-    return to_kohya_state_dict([ComponentLora("transformer", state, alphas)])
-
-
 def _with_lora(base: FluxTransformer2DModel, lora_shape: str, exclude: re.Pattern[str] | None = None) -> Any:
     """A copy of `base` with a LoRA of that shape, its up and down weights random (a fresh up is zero)."""
     targets, rank, alpha, ranks, alphas = LORAS[lora_shape]
     names = [
         name
-        for name in _linear_names(base)
+        for name in linear_names(base)
         if (targets is None or any(name.endswith(target) for target in targets))
         and not (exclude and exclude.search(name))
     ]
     transformer = copy.deepcopy(base)
-    ranks, alphas = _matching(ranks, names), _matching(alphas, names)
+    ranks, alphas = matching(ranks, names), matching(alphas, names)
     transformer.add_adapter(
         LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, rank_pattern=ranks, alpha_pattern=alphas)
     )
-    _randomize((p for n, p in transformer.named_parameters() if "lora_" in n), seed=3, std=LORA_STD)
+    randomize((p for n, p in transformer.named_parameters() if "lora_" in n), seed=3, std=LORA_STD)
     return transformer
-
-
-def _matching(patterns: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """The patterns peft would apply to some of `names` (it warns about the others)."""
-    return {key: value for key, value in patterns.items() if any(re.search(rf"{key}$", n) for n in names)}
-
-
-def _randomize(parameters: Iterator[torch.nn.Parameter], seed: int, std: float) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in parameters:
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-
-
-def _forward(transformer: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        output: torch.Tensor = transformer(**inputs, return_dict=False)[0]
-    return output
 
 
 def _bfl_shapes(
@@ -497,28 +469,6 @@ def _bfl_shapes(
             rows, columns = shapes.get(target.key, (0, int(value.shape[1])))
             shapes[target.key] = (rows + int(value.shape[0]), columns)
     return shapes
-
-
-def _kohya_modules(state: dict[str, torch.Tensor]) -> set[str]:
-    return {key.partition(".")[0] for key in state}
-
-
-def _kohya_pair(module: str, in_features: int, out_features: int) -> dict[str, torch.Tensor]:
-    return {
-        f"{module}.lora_down.weight": torch.ones(2, in_features),
-        f"{module}.lora_up.weight": torch.ones(out_features, 2),
-        f"{module}.alpha": torch.tensor(2.0),
-    }
-
-
-def _random_lora(in_features: int, out_features: int, rank: int, alpha: float, seed: int) -> ModuleLora:
-    generator = torch.Generator().manual_seed(seed)
-    down = torch.randn(rank, in_features, generator=generator)
-    return ModuleLora(down, torch.randn(out_features, rank, generator=generator), alpha)
-
-
-def _delta(lora: ModuleLora) -> torch.Tensor:
-    return lora.scale * lora.up @ lora.down
 
 
 def _cloned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -249,3 +249,16 @@ def test_given_plan_when_oom_error_built_then_code_plan_fields_and_advice_in_mes
     assert "gradient_checkpointing = true" not in error.message  # already on
     assert error.message.endswith("(CUDA out of memory. Tried to allocate 4.00 GiB)")
     assert len(error.message) < 1000  # the failure file keeps 1 KiB
+
+
+@pytest.mark.parametrize("family", ["flux2_klein", "qwen_image", "z_image"])
+def test_given_family_whose_llm_text_encoder_never_trains_when_planned_then_denoiser_only_from_the_start(
+    family: str,
+) -> None:
+    footprint = family_named(family).footprint
+    result = plan((family, (1024, 1024)), 80, mixed_precision="bf16")
+
+    assert result.train_unet_only
+    assert not any("UNet-only" in reason for reason in result.reasons)  # not a saving: the family's way
+    # Captions are encoded once, so the (large) text encoder leaves the GPU: only the denoiser's weights.
+    assert result.estimate_breakdown["frozen_weights"] == footprint.denoiser_params * 2

@@ -4,26 +4,24 @@ diffusers-format LoRA loads back with `FluxPipeline.load_lora_weights`."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusion_kit import CONFIG_FILE, make_sagemaker_dirs
-from loraflow_diffusion.families import SupportedPipeline, family_named, family_of
+from family_kit import assert_previews_render
+from loraflow_diffusion.families import family_named, family_of
 from loraflow_diffusion.models import load_pipeline
 from loraflow_diffusion.tiny_families import build_tiny_flux1
-from loraflow_inference.handler import PreviewRenderer
-from loraflow_shared.contracts import PreviewRequest, TrainingReport
+from loraflow_shared.contracts import TrainingReport
 from loraflow_shared.dataset.config import TrainingConfig
 from loraflow_training.__main__ import main
 from loraflow_training.data import load_training_data
+from loraflow_training.family_sizes import fit_sizes_to_family
 from loraflow_training.flow import FlowMatching, FlowSampling
 from loraflow_training.settings import read_config
-from PIL import Image
 from safetensors import safe_open
 
 pytestmark = pytest.mark.slow  # builds, trains or renders tiny diffusion models
@@ -46,7 +44,8 @@ def _fixed_noise_loss(pipe: FluxPipeline, dataset: Path) -> float:
     """The flow-matching loss on the training images and captions, with the same noise and times for
     every pipeline it is asked of: lower means the LoRA learnt them."""
     family = family_of(pipe)
-    data = load_training_data(dataset, read_config(dataset, CONFIG_FILE).config)
+    config, _ = fit_sizes_to_family(read_config(dataset, CONFIG_FILE).config, family.pixel_multiple)
+    data = load_training_data(dataset, config)  # the images at the sizes the trainer used
     generator = torch.Generator().manual_seed(7)
     losses = []
     with torch.no_grad():
@@ -144,7 +143,10 @@ def test_given_flux_base_when_trained_then_lora_loads_changes_output_and_preview
 ) -> None:
     model = build_tiny_flux1(tmp_path / "model", variant="dev")
     dirs = make_sagemaker_dirs(tmp_path / "job", str(model))
-    with (dirs.dataset / CONFIG_FILE).open("a", encoding="utf-8") as config:
+    config_path = dirs.dataset / CONFIG_FILE
+    # An SD-sized resolution (a multiple of 8, not of 16): FLUX's packed latents need 16, so 72 -> 64.
+    config_path.write_text(config_path.read_text().replace("resolution = 64", "resolution = 72"))
+    with config_path.open("a", encoding="utf-8") as config:
         config.write("t5xxl_max_token_length = 32\n")  # short prompts: T5's 512 only slow the test down
     for name, value in dirs.env().items():
         monkeypatch.setenv(name, value)
@@ -156,6 +158,8 @@ def test_given_flux_base_when_trained_then_lora_loads_changes_output_and_preview
     extra = report.model_extra or {}
     assert extra["model_family"] == "flux1"
     assert extra["config"]["t5xxl_max_token_length"] == 32
+    assert extra["config"]["resolution"] == [64, 64]
+    assert any("72x72 became 64x64" in w.message for w in report.warnings), report.warnings
     # CLIP-L trains unless network_train_unet_only (kohya's default); T5 never does (as both scripts).
     assert extra["trained_components"] == ["transformer", "text_encoder"]
     pipe = FluxPipeline.from_pretrained(model)
@@ -165,7 +169,7 @@ def test_given_flux_base_when_trained_then_lora_loads_changes_output_and_preview
     assert np.abs(_render(pipe) - base_render).max() > 1e-3
     # It learnt the training images: measured LoRA/base 0.930 after 12 steps ([schnell] 0.957).
     assert _fixed_noise_loss(pipe, dirs.dataset) < base_loss * 0.98
-    _assert_previews_render(model, dirs.model / "pytorch_lora_weights.safetensors", tmp_path)
+    assert_previews_render(model, dirs.model / "pytorch_lora_weights.safetensors", tmp_path)
     _assert_kohya_file_has_bfl_names(dirs.model / f"{report.output_name}.safetensors")
 
 
@@ -179,35 +183,6 @@ def _assert_kohya_file_has_bfl_names(kohya_file: Path) -> None:
     assert any(module.endswith("_img_attn_qkv") for module in modules)
     assert metadata["ss_base_model_version"] == "flux1"
     assert metadata["modelspec.architecture"] == "flux-1-dev/lora"
-
-
-def _assert_previews_render(model: Path, lora: Path, tmp_path: Path) -> None:
-    """The preview endpoint's renderer takes a FLUX base and its LoRA like any other family's."""
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket="artifacts")
-    s3.upload_file(str(lora), "artifacts", "jobs/j/lora/pytorch_lora_weights.safetensors")
-
-    def loader(ref: str) -> SupportedPipeline:
-        return load_pipeline(ref, device=CPU, dtype=torch.float32, cache_dir=tmp_path / "cache")
-
-    response = PreviewRenderer(loader).render(
-        PreviewRequest(
-            job_id="j",
-            base_model=str(model),
-            lora_s3_uri="s3://artifacts/jobs/j/lora/pytorch_lora_weights.safetensors",
-            prompts=["ohwx", "a photo of ohwx"],
-            steps=2,
-            resolution=64,
-            seed=0,
-            output_s3_prefix="s3://artifacts/jobs/j/previews/",
-        )
-    )
-
-    assert [p.s3_uri for p in response.previews] == [
-        f"s3://artifacts/jobs/j/previews/{i}.png" for i in (0, 1)
-    ]
-    png = s3.get_object(Bucket="artifacts", Key="jobs/j/previews/0.png")["Body"].read()
-    assert Image.open(io.BytesIO(png)).size == (64, 64)
 
 
 def test_given_sd_only_keys_when_flux_trained_then_reported_as_not_applying() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from loraflow_shared.families import COMPUTE_CLASSES, FAMILY_FACTS
 from loraflow_shared.jobs.cost import parse_price_table
 from loraflow_shared.jobs.preview_timing import MAX_PREVIEW_TIMEOUT_S, MIN_PREVIEW_TIMEOUT_S
 from template_helpers import as_list, resources_of_type
@@ -119,7 +120,12 @@ def test_given_default_price_table_when_parsed_then_every_training_instance_type
     template: dict[str, Any],
 ) -> None:
     prices = parse_price_table(template["Parameters"]["TrainingPricesPerHour"]["Default"])
-    offered = set(template["Parameters"]["TrainingInstanceType"]["AllowedValues"])
+    parameters = template["Parameters"]
+    offered = {
+        instance_type
+        for name in ("TrainingInstanceType", "LargeModelTrainingInstanceType")
+        for instance_type in parameters[name]["AllowedValues"]
+    }
 
     assert offered <= set(prices)
     assert all(0 < price < 100 for price in prices.values())
@@ -155,3 +161,24 @@ def test_given_capacity_wait_parameter_when_read_then_the_pipeline_gets_it(
 
     assert pipeline["CAPACITY_WAIT_SECONDS"] == {"Ref": "CapacityWaitSeconds"}
     assert parameter["MinValue"] == 0 and parameter["Default"] > 0
+
+
+def test_given_compute_class_parameters_when_described_then_each_names_its_families(
+    template: dict[str, Any],
+) -> None:
+    """The families each instance parameter serves, as `loraflow_shared.families` assigns them."""
+    parameters = template["Parameters"]
+    by_class = {
+        compute: [facts.label for facts in FAMILY_FACTS if facts.compute == compute]
+        for compute in COMPUTE_CLASSES
+    }
+    described = {
+        "standard": ("TrainingInstanceType", "InferenceInstanceType"),
+        "large": ("LargeModelTrainingInstanceType", "LargeModelInferenceInstanceType", "LargeModelFamilies"),
+    }
+
+    for compute, names in described.items():
+        for name in names:
+            description = " ".join(parameters[name]["Description"].split())
+            assert all(label in description for label in by_class[compute]), (name, by_class[compute])
+    assert set(described) == set(COMPUTE_CLASSES)

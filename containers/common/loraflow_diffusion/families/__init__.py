@@ -25,7 +25,10 @@ from loraflow_diffusion.families.base import (
     TextEmbeddings,
 )
 from loraflow_diffusion.families.flux import Flux1
+from loraflow_diffusion.families.flux2_klein import Flux2Klein
+from loraflow_diffusion.families.qwen_image import QwenImage
 from loraflow_diffusion.families.stable_diffusion import StableDiffusion15, StableDiffusionXL
+from loraflow_diffusion.families.z_image import ZImage
 
 __all__ = [
     "FAMILIES",
@@ -46,7 +49,14 @@ __all__ = [
     "supported_class_names",
 ]
 
-FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion15(), StableDiffusionXL(), Flux1())
+FAMILIES: tuple[ModelFamily, ...] = (
+    StableDiffusion15(),
+    StableDiffusionXL(),
+    Flux1(),
+    ZImage(),
+    Flux2Klein(),
+    QwenImage(),
+)
 
 
 def family_for_class_name(class_name: str) -> ModelFamily | None:

@@ -144,6 +144,9 @@ class ModelFamily(ABC):
     # A key only this family's single-file (original layout) checkpoints hold; diffusers' single-file
     # loader (`CHECKPOINT_KEY_NAMES`) tells the families apart by the same keys.
     single_file_marker_key: ClassVar[str]
+    # Whether the pipeline's `from_single_file` loads the family's single-file checkpoints (SD's hold the
+    # whole pipeline); the DiT families' single files hold the transformer alone: a diffusers folder it is.
+    loads_single_file: ClassVar[bool] = False
     # Extra `from_pretrained` arguments (e.g. no safety checker: previews are of the user's own data).
     load_kwargs: ClassVar[dict[str, Any]] = {}
     # Pipeline attributes: the denoiser (UNet or transformer), then the text encoders and tokenizers.
@@ -155,6 +158,8 @@ class ModelFamily(ABC):
     # LoRA targets, after diffusers' LoRA training scripts for the family.
     denoiser_target_modules: ClassVar[tuple[str, ...]]
     text_encoder_target_modules: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    # Image sides the denoiser takes: the VAE's factor, times the patch size of a packed-latent transformer.
+    pixel_multiple: ClassVar[int] = 8
     # Whether kohya's `clip_skip` applies (SD 1.x only; kohya ignores it for SDXL).
     supports_clip_skip: ClassVar[bool] = False
     objective: ClassVar[ObjectiveSpec]
@@ -167,6 +172,11 @@ class ModelFamily(ABC):
     def denoiser(self, pipe: DiffusionPipeline) -> Any:
         """The denoiser (UNet or transformer) of `pipe`: the module the LoRA trains first."""
         return getattr(pipe, self.denoiser_name)
+
+    @property
+    def text_encoders_trainable(self) -> bool:
+        """Whether a LoRA may train any text encoder (LLM encoders never are: captions encode once)."""
+        return len(self.lora_components()) > 1
 
     def lora_components(self) -> tuple[str, ...]:
         """Pipeline attributes that may carry a LoRA, denoiser first."""

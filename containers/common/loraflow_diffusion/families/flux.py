@@ -64,8 +64,11 @@ class Flux1(ModelFamily):
     config_claim = 'model_family = "flux1"'
     pipeline_class = FluxPipeline
     pipeline_class_names = frozenset({"FluxPipeline"})
-    single_file_marker_key = "double_blocks.0.img_attn.qkv.weight"
+    # Per-block modulation: FLUX.2 files also hold `img_attn.qkv` but modulate globally (no `img_mod`).
+    loads_single_file = True
+    single_file_marker_key = "double_blocks.0.img_mod.lin.weight"
     denoiser_name = "transformer"
+    pixel_multiple = 16  # VAE factor 8 x 2x2 patches
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
     trainable_text_encoder_names = ("text_encoder",)

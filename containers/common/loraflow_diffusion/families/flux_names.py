@@ -26,6 +26,9 @@ alpha of the two `final_layer` modules, so their scale is always folded into the
 client then applies them at the same strength. (That loader, in diffusers 0.42.1, also names the modules
 outside the blocks without their `transformer.` prefix, so `load_lora_weights` drops them; the default
 targets have none. ComfyUI and sd-scripts' `flux_merge_lora.py` apply them.)
+
+The renaming and fusing work on any list of `BflModule`s (`kohya_bfl_names`, `fuse_loras`): FLUX.2's
+layout (`flux2_names`) reuses them with its own list.
 """
 
 from __future__ import annotations
@@ -88,10 +91,16 @@ def flux_kohya_names(
     are returned as they are. `transformer_config` is the `FluxTransformer2DModel`'s config. Raises
     ValueError for a module with no BFL counterpart, a key that is not a plain LoRA's, or shapes the
     config contradicts."""
+    return kohya_bfl_names(kohya_state_dict, bfl_modules(transformer_config))
+
+
+def kohya_bfl_names(
+    kohya_state_dict: Mapping[str, torch.Tensor], modules: Sequence[BflModule]
+) -> dict[str, torch.Tensor]:
+    """`flux_kohya_names` for any transformer whose Linears `modules` list: the transformer's keys (one of
+    `TRANSFORMER_PREFIXES`) renamed and fused onto the BFL modules, every other key as it is."""
     transformer, others = _split_transformer_keys(kohya_state_dict)
-    converted = kohya_flux_state_dict(
-        bfl_loras(_from_kohya(transformer, transformer_config), transformer_config)
-    )
+    converted = kohya_flux_state_dict(fuse_loras(_from_kohya(transformer, modules), modules))
     return {**others, **converted}
 
 
@@ -105,14 +114,26 @@ def kohya_flux_names(
     return kohya_flux_state_dict(bfl_loras(_from_peft(peft_state, alphas), transformer_config))
 
 
+def peft_bfl_names(
+    peft_state: Mapping[str, torch.Tensor], alphas: Mapping[str, float], modules: Sequence[BflModule]
+) -> dict[str, torch.Tensor]:
+    """`kohya_flux_names` for any transformer whose Linears `modules` list."""
+    return kohya_flux_state_dict(fuse_loras(_from_peft(peft_state, alphas), modules))
+
+
 def bfl_loras(
     loras: Mapping[str, ModuleLora], transformer_config: Mapping[str, Any]
 ) -> dict[str, ModuleLora]:
     """diffusers module path -> its LoRA, to BFL module path -> the (fused) LoRA, exactly equivalent."""
-    owners = {part: module for module in bfl_modules(transformer_config) for part in module.parts}
+    return fuse_loras(loras, bfl_modules(transformer_config))
+
+
+def fuse_loras(loras: Mapping[str, ModuleLora], modules: Sequence[BflModule]) -> dict[str, ModuleLora]:
+    """`bfl_loras` over any list of BFL modules (each diffusers module a part of exactly one)."""
+    owners = {part: module for module in modules for part in module.parts}
     unknown = sorted(set(loras) - set(owners))
     if unknown:
-        raise ValueError(f"FLUX transformer modules with no BFL (sd-scripts/ComfyUI) name: {unknown[:5]}")
+        raise ValueError(f"transformer modules with no ComfyUI/sd-scripts name: {unknown[:5]}")
     touched = dict.fromkeys(owners[part] for part in sorted(loras))
     return {module.name: _fuse(module, loras) for module in touched}
 
@@ -133,15 +154,15 @@ def bfl_modules(transformer_config: Mapping[str, Any]) -> list[BflModule]:
     it. From diffusers' `convert_flux_transformer_checkpoint_to_diffusers`, read backwards."""
     inner = int(transformer_config["num_attention_heads"]) * int(transformer_config["attention_head_dim"])
     modules = [
-        *_plain("img_in", "x_embedder"),
-        *_plain("txt_in", "context_embedder"),
-        *_embedder("time_in", "time_text_embed.timestep_embedder"),
-        *_embedder("vector_in", "time_text_embed.text_embedder"),
+        *plain_modules("img_in", "x_embedder"),
+        *plain_modules("txt_in", "context_embedder"),
+        *embedder_modules("time_in", "time_text_embed.timestep_embedder"),
+        *embedder_modules("vector_in", "time_text_embed.text_embedder"),
         BflModule("final_layer.linear", ("proj_out",), (None,), fold_scale=True),
         BflModule("final_layer.adaLN_modulation.1", ("norm_out.linear",), (None,), True, fold_scale=True),
     ]
     if transformer_config.get("guidance_embeds", False):
-        modules += _embedder("guidance_in", "time_text_embed.guidance_embedder")
+        modules += embedder_modules("guidance_in", "time_text_embed.guidance_embedder")
     for index in range(int(transformer_config["num_layers"])):
         modules += _double_block(f"double_blocks.{index}.", f"transformer_blocks.{index}.", inner)
     for index in range(int(transformer_config["num_single_layers"])):
@@ -152,44 +173,47 @@ def bfl_modules(transformer_config: Mapping[str, Any]) -> list[BflModule]:
 def _double_block(bfl: str, diffusers: str, inner: int) -> list[BflModule]:
     qkv = (inner, inner, inner)
     return [
-        BflModule(f"{bfl}img_attn.qkv", _paths(diffusers, "attn.to_q", "attn.to_k", "attn.to_v"), qkv),
+        BflModule(f"{bfl}img_attn.qkv", module_paths(diffusers, "attn.to_q", "attn.to_k", "attn.to_v"), qkv),
         BflModule(
             f"{bfl}txt_attn.qkv",
-            _paths(diffusers, "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+            module_paths(diffusers, "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
             qkv,
         ),
-        *_plain(f"{bfl}img_attn.proj", f"{diffusers}attn.to_out.0"),
-        *_plain(f"{bfl}txt_attn.proj", f"{diffusers}attn.to_add_out"),
-        *_plain(f"{bfl}img_mlp.0", f"{diffusers}ff.net.0.proj"),
-        *_plain(f"{bfl}img_mlp.2", f"{diffusers}ff.net.2"),
-        *_plain(f"{bfl}txt_mlp.0", f"{diffusers}ff_context.net.0.proj"),
-        *_plain(f"{bfl}txt_mlp.2", f"{diffusers}ff_context.net.2"),
-        *_plain(f"{bfl}img_mod.lin", f"{diffusers}norm1.linear"),
-        *_plain(f"{bfl}txt_mod.lin", f"{diffusers}norm1_context.linear"),
+        *plain_modules(f"{bfl}img_attn.proj", f"{diffusers}attn.to_out.0"),
+        *plain_modules(f"{bfl}txt_attn.proj", f"{diffusers}attn.to_add_out"),
+        *plain_modules(f"{bfl}img_mlp.0", f"{diffusers}ff.net.0.proj"),
+        *plain_modules(f"{bfl}img_mlp.2", f"{diffusers}ff.net.2"),
+        *plain_modules(f"{bfl}txt_mlp.0", f"{diffusers}ff_context.net.0.proj"),
+        *plain_modules(f"{bfl}txt_mlp.2", f"{diffusers}ff_context.net.2"),
+        *plain_modules(f"{bfl}img_mod.lin", f"{diffusers}norm1.linear"),
+        *plain_modules(f"{bfl}txt_mod.lin", f"{diffusers}norm1_context.linear"),
     ]
 
 
 def _single_block(bfl: str, diffusers: str, inner: int) -> list[BflModule]:
-    parts = _paths(diffusers, "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+    parts = module_paths(diffusers, "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
     return [
         BflModule(f"{bfl}linear1", parts, (inner, inner, inner, int(inner * _MLP_RATIO))),
-        *_plain(f"{bfl}linear2", f"{diffusers}proj_out"),
-        *_plain(f"{bfl}modulation.lin", f"{diffusers}norm.linear"),
+        *plain_modules(f"{bfl}linear2", f"{diffusers}proj_out"),
+        *plain_modules(f"{bfl}modulation.lin", f"{diffusers}norm.linear"),
     ]
 
 
-def _embedder(bfl: str, diffusers: str) -> list[BflModule]:
+def embedder_modules(bfl: str, diffusers: str) -> list[BflModule]:
+    """An MLP embedder: BFL's `<bfl>.in_layer`/`.out_layer` are diffusers' `<diffusers>.linear_1`/`_2`."""
     return [
-        *_plain(f"{bfl}.in_layer", f"{diffusers}.linear_1"),
-        *_plain(f"{bfl}.out_layer", f"{diffusers}.linear_2"),
+        *plain_modules(f"{bfl}.in_layer", f"{diffusers}.linear_1"),
+        *plain_modules(f"{bfl}.out_layer", f"{diffusers}.linear_2"),
     ]
 
 
-def _plain(bfl: str, diffusers: str) -> list[BflModule]:
+def plain_modules(bfl: str, diffusers: str) -> list[BflModule]:
+    """A Linear both layouts hold whole, under two names."""
     return [BflModule(bfl, (diffusers,), (None,))]
 
 
-def _paths(prefix: str, *names: str) -> tuple[str, ...]:
+def module_paths(prefix: str, *names: str) -> tuple[str, ...]:
+    """`names` under the dotted `prefix` (a block's path)."""
     return tuple(prefix + name for name in names)
 
 
@@ -254,17 +278,13 @@ def _split_transformer_keys(
     return transformer, others
 
 
-def _from_kohya(
-    state: Mapping[str, torch.Tensor], transformer_config: Mapping[str, Any]
-) -> dict[str, ModuleLora]:
+def _from_kohya(state: Mapping[str, torch.Tensor], modules: Sequence[BflModule]) -> dict[str, ModuleLora]:
     """kohya keys (`<module_with_underscores>.lora_down.weight`, …, no prefix) -> dotted module -> LoRA."""
-    dotted = {
-        part.replace(".", "_"): part for module in bfl_modules(transformer_config) for part in module.parts
-    }
+    dotted = {part.replace(".", "_"): part for module in modules for part in module.parts}
     names = sorted({key.partition(".")[0] for key in state})
     unknown = [name for name in names if name not in dotted]
     if unknown:
-        raise ValueError(f"FLUX transformer modules with no BFL (sd-scripts/ComfyUI) name: {unknown[:5]}")
+        raise ValueError(f"transformer modules with no ComfyUI/sd-scripts name: {unknown[:5]}")
     _check_keys(state, names, (_DOWN, _UP, _ALPHA))
     return {
         dotted[name]: ModuleLora(state[name + _DOWN], state[name + _UP], float(state[name + _ALPHA].item()))

@@ -115,6 +115,7 @@ class StableDiffusion15(_UNetFamily):
     config_claim = "sdxl = false"
     pipeline_class = StableDiffusionPipeline
     pipeline_class_names = frozenset({"StableDiffusionPipeline"})
+    loads_single_file = True
     single_file_marker_key = "model.diffusion_model.output_blocks.11.0.skip_connection.weight"
     load_kwargs: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
     text_encoder_names = ("text_encoder",)
@@ -168,6 +169,7 @@ class StableDiffusionXL(_UNetFamily):
     config_claim = "sdxl = true"
     pipeline_class = StableDiffusionXLPipeline
     pipeline_class_names = frozenset({"StableDiffusionXLPipeline"})
+    loads_single_file = True
     single_file_marker_key = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
