@@ -166,14 +166,19 @@ def _prompt_arguments(
 ) -> dict[str, object]:
     """The prompt as text, or, with kohya's `clip_skip` > 1 on SD 1.x, as embeddings encoded the way the
     trainer encoded its captions (diffusers' own `clip_skip` reaches for `text_encoder.text_model`, which
-    transformers 5 no longer has). The empty negative prompt is skipped alike, as A1111 does."""
+    transformers 5 no longer has; the empty negative prompt is skipped alike, as A1111 does); with the
+    family's own call arguments (`preview_arguments`)."""
     family = family_of(pipe)
     if clip_skip is None or clip_skip <= 1 or not family.supports_clip_skip:
-        return {"prompt": prompt}
+        return {"prompt": prompt, **family.preview_arguments(pipe)}
     with torch.no_grad():
         cond = family.encode_prompts(pipe, [prompt, ""], (resolution, resolution), clip_skip)
     embeds = cond.encoder_hidden_states
-    return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
+    return {
+        "prompt_embeds": embeds[:1],
+        "negative_prompt_embeds": embeds[1:],
+        **family.preview_arguments(pipe),
+    }
 
 
 def _download_lora(uri: str, folder: Path) -> Path:

@@ -19,6 +19,8 @@ ComputeClass = Literal["standard", "large"]
 COMPUTE_CLASSES: tuple[ComputeClass, ...] = get_args(ComputeClass)
 DEFAULT_COMPUTE: ComputeClass = "standard"
 MODEL_INDEX_FILE = "model_index.json"  # a diffusers folder's pipeline description (`_class_name`)
+# What kohya's `sdxl` key claims: `sdxl = true` an SDXL model, `sdxl = false` an SD 1.x/2.x one.
+SDXL_KEY_CLAIMS: dict[bool, ModelFamilyName] = {True: "sdxl", False: "sd15"}
 
 
 @dataclass(frozen=True)
@@ -100,9 +102,7 @@ def claimed_family_name(config: TrainingConfig) -> ModelFamilyName | None:
     does not say; validation refuses a config whose two keys disagree."""
     if config.model_family is not None:
         return config.model_family
-    if config.sdxl is None:
-        return None
-    return "sdxl" if config.sdxl else "sd15"
+    return None if config.sdxl is None else SDXL_KEY_CLAIMS[config.sdxl]
 
 
 def family_from_model_index(text: str) -> FamilyFacts | None:

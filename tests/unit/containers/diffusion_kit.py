@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,3 +134,23 @@ def upload_checkpoint_with_config(checkpoint: Path, bucket: str, prefix: str) ->
         if path.is_file():
             s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(checkpoint.parent).as_posix()}")
     return f"s3://{bucket}/{prefix}/{checkpoint.name}"
+
+
+def kill_after_first_checkpoint(dirs: SageMakerDirs) -> None:
+    """Start the trainer as SageMaker would and SIGKILL it (no goodbye) once a checkpoint exists."""
+    env = {**os.environ, **dirs.env()}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loraflow_training", "train"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = dirs.root / "checkpoints" / "state"
+    deadline = time.monotonic() + 300
+    try:
+        while not any(state.glob("step-*")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the trainer ended before it could be interrupted"

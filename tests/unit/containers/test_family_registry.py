@@ -41,3 +41,16 @@ def test_given_config_keys_when_claimed_family_read_then_the_family_they_name(
     assert claimed_family(sdxl, model_family) == expected
     if expected is not None:
         assert family_named(expected).name == expected
+
+
+def test_given_lambda_side_facts_when_compared_with_the_specifications_then_one_spec_per_family() -> None:
+    from loraflow_shared.families import FAMILY_FACTS
+
+    by_name = {family.name: family.facts for family in FAMILIES}
+    assert len(by_name) == len(FAMILIES) and by_name == {facts.name: facts for facts in FAMILY_FACTS}
+    for family in FAMILIES:  # what the Lambda functions recognise is what the containers load
+        assert (family.name, family.pipeline_class_names) == (
+            family.facts.name,
+            family.facts.pipeline_class_names,
+        )
+        assert family.pipeline_class.__name__ in family.pipeline_class_names

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusion_kit import CONFIG_FILE, SageMakerDirs, make_sagemaker_dirs
+from diffusion_kit import CONFIG_FILE, SageMakerDirs, kill_after_first_checkpoint, make_sagemaker_dirs
 from loraflow_training.__main__ import main
 from loraflow_training.checkpointing import CheckpointStore
 from loraflow_training.report import TrainingReportV2
@@ -42,31 +42,11 @@ def _train_in_process(
     return capsys.readouterr().out
 
 
-def _kill_after_first_checkpoint(dirs: SageMakerDirs) -> None:
-    """Start the trainer as SageMaker would and SIGKILL it (no goodbye) once a checkpoint exists."""
-    env = {**os.environ, **dirs.env()}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "loraflow_training", "train"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    state = dirs.root / "checkpoints" / "state"
-    deadline = time.monotonic() + 300
-    try:
-        while not any(state.glob("step-*")) and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, "the trainer ended before it could be interrupted"
-
-
 def test_given_killed_training_when_restarted_then_resumes_from_checkpoint_and_matches_uninterrupted(
     tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     interrupted = _job(tmp_path / "interrupted", tiny_model)
-    _kill_after_first_checkpoint(interrupted)
+    kill_after_first_checkpoint(interrupted)
     saved = CheckpointStore(interrupted.root / "checkpoints" / "state").latest()
     assert saved is not None and not (interrupted.model / LORA_FILE).exists()
     checkpoint_step = saved[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from loraflow_shared.families import SDXL_KEY_CLAIMS
 
 from loraflow_diffusion.families.base import (
     Conditioning,
@@ -80,9 +81,7 @@ def claimed_family(sdxl: bool | None, model_family: str | None = None) -> str | 
     Validation refuses a config whose two keys disagree."""
     if model_family is not None:
         return family_named(model_family).name
-    if sdxl is None:
-        return None
-    return StableDiffusionXL.name if sdxl else StableDiffusion15.name
+    return None if sdxl is None else SDXL_KEY_CLAIMS[sdxl]
 
 
 def family_of(pipe: DiffusionPipeline) -> ModelFamily:

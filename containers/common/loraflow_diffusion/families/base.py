@@ -24,6 +24,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import Stabl
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
 from loraflow_shared.dataset.config import TimestepSampling, TrainingConfig
+from loraflow_shared.families import FamilyFacts
 
 # What `load_pipeline` returns: one of the families' pipeline classes.
 SupportedPipeline = (
@@ -133,6 +134,9 @@ class ExportFacts:
 
 
 class ModelFamily(ABC):
+    # What the Lambda functions know of the family too (`loraflow_shared.families`): `name` and
+    # `pipeline_class_names` come from it, so a family is named once.
+    facts: ClassVar[FamilyFacts]
     name: ClassVar[str]
     description: ClassVar[str]  # for messages: "an SDXL model"
     # How a training config names this family: the key and the setting, e.g. "sdxl", "sdxl = true".
@@ -141,6 +145,13 @@ class ModelFamily(ABC):
     pipeline_class: ClassVar[type[SupportedPipeline]]
     # `_class_name` values in model_index.json that load as this family.
     pipeline_class_names: ClassVar[frozenset[str]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "facts" in cls.__dict__:
+            cls.name = cls.facts.name
+            cls.pipeline_class_names = cls.facts.pipeline_class_names
+
     # A key only this family's single-file (original layout) checkpoints hold; diffusers' single-file
     # loader (`CHECKPOINT_KEY_NAMES`) tells the families apart by the same keys.
     single_file_marker_key: ClassVar[str]
@@ -266,6 +277,13 @@ class ModelFamily(ABC):
     ) -> torch.Tensor:
         """The denoiser's prediction for noisy latents `[N,C,H,W]` at `timesteps`; `guidance` is the
         config's `guidance_scale` for families that embed it (None: the family's default)."""
+
+    # -- previews ----------------------------------------------------------------------------------
+
+    def preview_arguments(self, pipe: DiffusionPipeline) -> dict[str, Any]:
+        """Arguments of the pipeline's call beyond prompt, size, steps and seed, where its defaults do not
+        render the way the model is meant to be sampled; most need none."""
+        return {}
 
     # -- export ------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from loraflow_shared.dataset.config import TrainingConfig
+from loraflow_shared.families import facts_named
 
 from loraflow_diffusion.families.base import (
     MIB,
@@ -58,12 +59,11 @@ FLUX1_FOOTPRINT = Footprint(
 
 
 class Flux1(ModelFamily):
-    name = "flux1"
+    facts = facts_named("flux1")  # name, pipeline classes, compute: loraflow_shared.families
     description = "a FLUX.1 model"
     config_key = "model_family"
     config_claim = 'model_family = "flux1"'
     pipeline_class = FluxPipeline
-    pipeline_class_names = frozenset({"FluxPipeline"})
     # Per-block modulation: FLUX.2 files also hold `img_attn.qkv` but modulate globally (no `img_mod`).
     loads_single_file = True
     single_file_marker_key = "double_blocks.0.img_mod.lin.weight"

@@ -24,6 +24,7 @@ from typing import cast
 import torch
 from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from loraflow_shared.families import facts_named
 
 from loraflow_diffusion.families.base import (
     MIB,
@@ -73,12 +74,11 @@ FLUX2_KLEIN_4B_FOOTPRINT = Footprint(
 
 
 class Flux2Klein(ModelFamily):
-    name = "flux2_klein"
+    facts = facts_named("flux2_klein")  # name, pipeline classes, compute: loraflow_shared.families
     description = "a FLUX.2 [klein] model"
     config_key = "model_family"
     config_claim = 'model_family = "flux2_klein"'
     pipeline_class = Flux2KleinPipeline
-    pipeline_class_names = frozenset({"Flux2KleinPipeline"})
     # diffusers' single_file_utils CHECKPOINT_KEY_NAMES["flux2"]: the shared single-stream modulation, which
     # FLUX.1 (per-block modulations) has not. (FLUX.2 [dev] files have it too; neither loads from one file.)
     single_file_marker_key = "single_stream_modulation.lin.weight"

@@ -21,6 +21,7 @@ from typing import Any, cast
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline
+from loraflow_shared.families import facts_named
 
 from loraflow_diffusion.families.base import (
     MIB,
@@ -81,12 +82,11 @@ KOHYA_PREFIX = "lora_unet_"
 
 
 class QwenImage(ModelFamily):
-    name = "qwen_image"
+    facts = facts_named("qwen_image")  # name, pipeline classes, compute: loraflow_shared.families
     description = "a Qwen-Image model"
     config_key = "model_family"
     config_claim = 'model_family = "qwen_image"'
     pipeline_class = QwenImagePipeline
-    pipeline_class_names = frozenset({"QwenImagePipeline"})
     # diffusers 0.42.1's `CHECKPOINT_KEY_NAMES` has no Qwen-Image entry (its single-file mapping for
     # QwenImageTransformer2DModel is the identity: the original files hold diffusers' names); ComfyUI
     # recognises the transformer by this key (comfy/model_detection.py, "Qwen Image").
@@ -200,6 +200,11 @@ class QwenImage(ModelFamily):
         return cast(torch.Tensor, unpacked[:, :, 0])
 
     # -- export ------------------------------------------------------------------------------------
+
+    def preview_arguments(self, pipe: DiffusionPipeline) -> dict[str, Any]:
+        """Qwen-Image is not guidance-distilled: `QwenImagePipeline` applies its true CFG (default scale 4.0)
+        only with a negative prompt, and renders washed-out images without; Qwen's own examples pass " "."""
+        return {"negative_prompt": " "}
 
     def kohya_names(self, pipe: DiffusionPipeline, state_dict: Mapping[str, T]) -> dict[str, T]:
         """musubi-tuner's names (`lora_unet_transformer_blocks_0_attn_to_q`): the transformer's module paths

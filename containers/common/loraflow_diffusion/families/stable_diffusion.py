@@ -10,6 +10,7 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+from loraflow_shared.families import facts_named
 
 from loraflow_diffusion.families.base import (
     MIB,
@@ -109,12 +110,11 @@ class _UNetFamily(ModelFamily):
 class StableDiffusion15(_UNetFamily):
     """SD 1.x/2.x: one CLIP text encoder, conditioning = its last hidden state."""
 
-    name = "sd15"
+    facts = facts_named("sd15")  # name, pipeline classes, compute: loraflow_shared.families
     description = "an SD 1.x/2.x model"
     config_key = "sdxl"
     config_claim = "sdxl = false"
     pipeline_class = StableDiffusionPipeline
-    pipeline_class_names = frozenset({"StableDiffusionPipeline"})
     loads_single_file = True
     single_file_marker_key = "model.diffusion_model.output_blocks.11.0.skip_connection.weight"
     load_kwargs: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
@@ -163,12 +163,11 @@ def _final_layer_norm(encoder: torch.nn.Module) -> torch.nn.Module:
 class StableDiffusionXL(_UNetFamily):
     """SDXL: two text encoders, plus pooled embeddings and size/crop time ids as added conditioning."""
 
-    name = "sdxl"
+    facts = facts_named("sdxl")  # name, pipeline classes, compute: loraflow_shared.families
     description = "an SDXL model"
     config_key = "sdxl"
     config_claim = "sdxl = true"
     pipeline_class = StableDiffusionXLPipeline
-    pipeline_class_names = frozenset({"StableDiffusionXLPipeline"})
     loads_single_file = True
     single_file_marker_key = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"
     text_encoder_names = ("text_encoder", "text_encoder_2")

@@ -14,11 +14,12 @@ specification serves both.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.pipelines.z_image.pipeline_z_image import ZImagePipeline
+from loraflow_shared.families import facts_named
 
 from loraflow_diffusion.families.base import (
     MIB,
@@ -69,13 +70,15 @@ Z_IMAGE_FOOTPRINT = Footprint(
 )
 
 
+TURBO_SHIFT = 3.0  # Z-Image-Turbo's scheduler shift; Z-Image (base) has 6.0
+
+
 class ZImage(ModelFamily):
-    name = "z_image"
+    facts = facts_named("z_image")  # name, pipeline classes, compute: loraflow_shared.families
     description = "a Z-Image model"
     config_key = "model_family"
     config_claim = 'model_family = "z_image"'
     pipeline_class = ZImagePipeline
-    pipeline_class_names = frozenset({"ZImagePipeline"})
     # diffusers' single_file_utils CHECKPOINT_KEY_NAMES["z-image-turbo"] (the original and ComfyUI layout; the
     # key is the same in diffusers' transformer files).
     single_file_marker_key = "layers.0.adaLN_modulation.0.weight"
@@ -150,6 +153,12 @@ class ZImage(ModelFamily):
         captions = [states[mask] for states, mask in zip(hidden, keep, strict=True)]
         output = denoiser(images, 1.0 - timesteps.float(), captions, return_dict=False)[0]
         return -torch.stack(output).squeeze(2)
+
+    def preview_arguments(self, pipe: DiffusionPipeline) -> dict[str, Any]:
+        """Turbo is guidance-distilled: sampled without classifier-free guidance (its model card and
+        diffusers' example use guidance_scale 0), where the pipeline's default (5.0) would double the cost
+        and burn the image. Base keeps the default. They differ only in the scheduler's shift."""
+        return {"guidance_scale": 0.0} if pipe.scheduler.config.shift <= TURBO_SHIFT else {}
 
     def kohya_names(self, pipe: DiffusionPipeline, state_dict: Mapping[str, T]) -> dict[str, T]:
         """ComfyUI's names (`lora_unet_layers_0_attention_qkv`, `…_attention_out`), as musubi-tuner's

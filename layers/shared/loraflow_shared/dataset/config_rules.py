@@ -42,9 +42,12 @@ def moot_settings(config: TrainingConfig) -> list[tuple[str, str]]:
 
 
 def _family_conflicts(config: TrainingConfig) -> list[str]:
-    """kohya's `sdxl` and loraflow's `model_family` must not name two families."""
+    """kohya's `sdxl` and loraflow's `model_family` must not name two families: `sdxl = true` only with an
+    SDXL family, `sdxl = false` (kohya's "not SDXL") with any other (`model_family` then says which)."""
+    from loraflow_shared.families import SDXL_KEY_CLAIMS  # imports this module's TrainingConfig
+
     family, sdxl = config.model_family, config.sdxl
-    if family is None or sdxl is None or (family == "sdxl") == sdxl:
+    if family is None or sdxl is None or (family == SDXL_KEY_CLAIMS[True]) == sdxl:
         return []
     return [f'model_family: "{family}" contradicts sdxl = {str(sdxl).lower()}; set one of them, or neither']
 
