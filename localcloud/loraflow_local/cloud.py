@@ -258,8 +258,7 @@ class LocalCloud:
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": self.region,
             "AWS_REGION": self.region,
-            # No internet here: a Hugging Face id fails at once instead of retrying the network.
-            "HF_HUB_OFFLINE": "1",
+            **_hub_env(),
         }
 
     def _local_defaults(self) -> dict[str, str]:
@@ -399,3 +398,10 @@ def _post_json(url: str, body: Mapping[str, Any]) -> None:
     request = urllib.request.Request(url, data=json.dumps(body).encode("utf-8"), method="POST")
     with urllib.request.urlopen(request, timeout=10) as response:
         response.read()
+
+
+def _hub_env() -> dict[str, str]:
+    """The containers' Hub: the one this process was given (`HF_ENDPOINT`, e.g. a Hub served on loopback),
+    else none: no internet here, so a Hugging Face id fails at once instead of retrying the network."""
+    endpoint = os.environ.get("HF_ENDPOINT")
+    return {"HF_ENDPOINT": endpoint} if endpoint else {"HF_HUB_OFFLINE": "1"}

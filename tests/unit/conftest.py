@@ -10,6 +10,12 @@ from moto import mock_aws
 REGION = "us-east-1"
 
 
+@pytest.fixture(autouse=True)
+def _hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reaches huggingface.co; tests of the Hub path serve one on loopback (and unset this)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """In-process moto with test credentials; no `AWS_ENDPOINT_URL`, so boto3 goes to moto, not a server."""

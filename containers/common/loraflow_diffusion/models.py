@@ -31,6 +31,7 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
+from loraflow_shared.base_models import parse_hub_model
 from loraflow_shared.errors import ErrorCode, LoraflowError
 from safetensors import safe_open
 
@@ -114,11 +115,15 @@ def _load(ref: str, dtype: torch.dtype, cache_dir: Path, expect: ModelFamily | N
         return _load_local(path, dtype, cache_dir, expect)
     if ref.lower().endswith(SINGLE_FILE_SUFFIXES) or ref.startswith(("/", ".", "~")):
         raise _Unloadable("no such file or directory")
+    hub = parse_hub_model(ref)  # owner/name, optionally @revision (a Hub model ingest pinned: @<commit>)
     try:
-        validate_repo_id(ref)
+        validate_repo_id(hub.repo if hub is not None else ref)
     except HFValidationError as exc:
         raise _Unloadable("not a local path, an s3:// URI or a Hugging Face model id") from exc
-    return _load_diffusers(ref, dtype, expect, cache_dir=cache_dir, local_files_only=_hub_offline())
+    repo, revision = (hub.repo, hub.revision) if hub is not None else (ref, None)
+    return _load_diffusers(
+        repo, dtype, expect, cache_dir=cache_dir, local_files_only=_hub_offline(), revision=revision
+    )
 
 
 def _load_local(

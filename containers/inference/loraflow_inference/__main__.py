@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from flask import Flask
-from loraflow_diffusion.hub_token import load_hub_token
 from loraflow_shared.errors import LoraflowError
+from loraflow_shared.hub_token import load_hub_token
 
 from loraflow_inference.handler import PreviewRenderer
 from loraflow_inference.server import create_app

@@ -19,12 +19,14 @@ from datetime import UTC, datetime
 import torch
 from loraflow_diffusion.device import bitsandbytes_available, device_memory_bytes, pick_dtype
 from loraflow_diffusion.families import ModelFamily, SupportedPipeline, claimed_family, family_of
-from loraflow_diffusion.hub_token import load_hub_token
 from loraflow_diffusion.models import load_pipeline
 from loraflow_diffusion.sagemaker_env import TrainingPaths
+from loraflow_shared.base_models import DATASET_CHANNEL
 from loraflow_shared.dataset.config import ParsedConfig
 from loraflow_shared.errors import ErrorCode, Problem
+from loraflow_shared.hub_token import load_hub_token
 
+from loraflow_training.base_model_source import base_model_to_load
 from loraflow_training.checkpointing import CheckpointIdentity, CheckpointStore
 from loraflow_training.data import TrainingData, load_training_data
 from loraflow_training.distributed import (
@@ -45,7 +47,6 @@ from loraflow_training.settings import Hyperparameters, TrainerSettings, read_co
 from loraflow_training.train import Persistence, RunSettings, TrainingOutcome, train_lora
 from loraflow_training.wrapup import RunFacts, write_outputs
 
-DATASET_CHANNEL = "dataset"
 CHECKPOINT_SUBDIR = "state"
 PROGRESS_FILE = "progress.json"
 
@@ -128,9 +129,15 @@ def prepare_run(paths: TrainingPaths, hyperparameters: Hyperparameters) -> Prepa
         len(data.epoch_indices()),
         state.num_processes,
     )
-    with state.main_process_first():  # one download into the shared model cache
-        pipe = load_pipeline(
+    with state.main_process_first():  # one download into the shared model cache (and one mirror upload)
+        reference, mirror_notes = base_model_to_load(
+            paths,
             hyperparameters.base_model,
+            hyperparameters.base_model_mirror if state.is_main_process else "",
+            hyperparameters.job_id,
+        )
+        pipe = load_pipeline(
+            reference,
             device=state.device,
             dtype=pick_dtype(state.device, config.mixed_precision),
             cache_dir=paths.model_cache_dir,
@@ -149,7 +156,8 @@ def prepare_run(paths: TrainingPaths, hyperparameters: Hyperparameters) -> Prepa
         config, plan, family, data, processes=state.num_processes, eight_bit_available=eight_bit
     )
     logger.info("memory plan: %s", plan.describe())
-    return PreparedRun(parsed, data, pipe, family, plan, run, size_notes + adjusted, state.num_processes)
+    notes = mirror_notes + size_notes + adjusted
+    return PreparedRun(parsed, data, pipe, family, plan, run, notes, state.num_processes)
 
 
 def _persistence(

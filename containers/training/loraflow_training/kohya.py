@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from diffusers.utils import convert_state_dict_to_kohya
 from loraflow_diffusion.families.base import ExportFacts
+from loraflow_shared.base_models import parse_hub_model
 from loraflow_shared.dataset.config import TrainingConfig
 from loraflow_shared.dataset.layout import Subset, parse_subset_folder
 from loraflow_shared.errors import LoraflowError
@@ -210,6 +211,9 @@ def _subset(folder: str) -> Subset | None:
 
 def sd_model_name(base_model: str) -> str:
     """sd-scripts record a local model by its file or folder name; a hub id stays whole. Never a full path."""
+    hub = parse_hub_model(base_model)
+    if hub is not None:  # pinned by ingest (owner/name@commit): the name tools show is the repo's
+        return hub.repo
     if base_model.startswith(("s3://", "/", ".", "~")) or "\\" in base_model or base_model.count("/") > 1:
         return re.split(r"[/\\]", base_model.rstrip("/\\"))[-1]
     return base_model

@@ -21,7 +21,9 @@ class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     config_file: NonEmptyStr  # relative to the dataset root, e.g. "kohya-sdxl-config.toml"
-    base_model: NonEmptyStr  # any reference `load_pipeline` accepts
+    base_model: NonEmptyStr  # any reference `load_pipeline` accepts (a Hub model pinned: owner/name@commit)
+    # s3://.../base-models/hub/<repo>@<commit>/ when this job writes the stack's mirror of it; "" otherwise.
+    base_model_mirror: str = ""
     job_id: NonEmptyStr
 
     @classmethod

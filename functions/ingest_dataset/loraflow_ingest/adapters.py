@@ -6,8 +6,12 @@ from typing import TYPE_CHECKING
 
 import boto3
 from botocore.config import Config
+from loraflow_shared.base_models import HubModel
 from loraflow_shared.dataset.objects import ObjectInfo, ObjectReader
 from loraflow_shared.dataset.validate import READ_THREADS
+from loraflow_shared.errors import LoraflowError
+from loraflow_shared.hub import HubError, HubProblem, HubResolution, resolve
+from loraflow_shared.hub_token import read_hub_token
 from loraflow_shared.jobs.control_aws import build_control
 from loraflow_shared.jobs.repository import JobRepository
 from loraflow_shared.notifications import Notifier
@@ -34,6 +38,25 @@ class S3DatasetStore:
         return read_small_text(self._client, uri)
 
 
+class SecretTokenHubResolver:
+    """Resolves with the stack's Hugging Face token (read once, on first need, from Secrets Manager)."""
+
+    def __init__(self, secret_arn: str) -> None:
+        self._secret_arn = secret_arn
+        self._token: str | None = None
+
+    def resolve(self, model: HubModel) -> HubResolution:
+        return resolve(model, self._read_token())
+
+    def _read_token(self) -> str | None:
+        if self._secret_arn and self._token is None:
+            try:
+                self._token = read_hub_token(self._secret_arn, lambda: boto3.client("secretsmanager"))
+            except LoraflowError as exc:
+                raise HubError(HubProblem.NO_ACCESS, exc.message) from None
+        return self._token
+
+
 def build_ingestor(settings: IngestSettings) -> Ingestor:
     # Validation reads images on READ_THREADS threads through this one client: one pooled connection each.
     s3 = boto3.client("s3", config=Config(max_pool_connections=READ_THREADS))
@@ -53,5 +76,6 @@ def build_ingestor(settings: IngestSettings) -> Ingestor:
         ),
         settle_seconds=settings.settle_seconds,
         default_base_model=settings.default_base_model,
+        hub=SecretTokenHubResolver(settings.hf_token_secret_arn),
         large_models=settings.large_models_enabled,
     )

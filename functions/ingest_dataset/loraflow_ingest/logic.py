@@ -36,6 +36,7 @@ from loraflow_shared.notifications import TerminalNotifier, announce_terminal
 from loraflow_shared.s3 import s3_uri
 
 from loraflow_ingest.events import DatasetRef
+from loraflow_ingest.hub_lookup import HubResolver, look_up
 
 logger = Logger(child=True)
 
@@ -72,6 +73,7 @@ class Ingestor:
         control: JobControl,
         settle_seconds: int,
         default_base_model: str,
+        hub: HubResolver,
         large_models: bool = True,
         limits: ValidationLimits | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -82,6 +84,7 @@ class Ingestor:
         self._control = control
         self._settle = timedelta(seconds=settle_seconds)
         self._default_base_model = default_base_model
+        self._hub = hub
         self._large_models = large_models
         self._limits = limits or ValidationLimits()
         self._clock = clock
@@ -149,10 +152,15 @@ class Ingestor:
         if not report.accepted or report.config is None or report.config_file is None:
             return self._reject(job, report.errors, report)
         base_model = report.config.pretrained_model_name_or_path or self._default_base_model
-        choice = choose_compute(report.config, base_model, self._store.read_text, self._large_models)
+        hub = look_up(base_model, self._hub)
+        if hub.error is not None:
+            return self._reject(job, [hub.error], report)
+        choice = choose_compute(
+            report.config, base_model, self._store.read_text, self._large_models, hub.model_index
+        )
         if choice.error is not None:
             return self._reject(job, [choice.error], report)
-        warnings = [*report.warnings, *choice.warnings]
+        warnings = [*report.warnings, *hub.warnings, *choice.warnings]
         attempt = job.current_attempt or self._control.new_attempt(job, job.attempt)
         # Only from VALIDATING: a job cancelled meanwhile (CANCELLED may go to QUEUED on a retry) stays so.
         return self._repository.transition(
@@ -164,6 +172,7 @@ class Ingestor:
             validation_warnings=warnings,
             config_file=report.config_file,
             base_model=base_model,
+            base_model_source=hub.source,
             model_family=choice.model_family,
             compute=choice.compute,
             preview=preview_settings(report),

@@ -18,6 +18,8 @@ class IngestSettings(EnvSettings):
     default_base_model: str = Field(min_length=1)
     # The stack parameter LargeModelFamilies: without it, jobs of the large model families are rejected.
     large_model_families: Literal["true", "false"]
+    # A Hub base model is resolved to its commit at ingest, with this token for gated ones (empty: none).
+    hf_token_secret_arn: str = ""
 
     @property
     def large_models_enabled(self) -> bool:

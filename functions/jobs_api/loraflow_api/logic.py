@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from aws_lambda_powertools import Logger
+from loraflow_shared.base_models import BaseModelSource
 from loraflow_shared.contracts import TrainingProgress
 from loraflow_shared.errors import Problem
 from loraflow_shared.families import ComputeClass
@@ -66,6 +67,8 @@ class JobView(_View):
     created_at: str
     updated_at: str
     base_model: str | None
+    # A Hub base model's exact commit (pinned at upload) and the stack's copy it trained from, if any.
+    base_model_source: BaseModelSource | None
     # The base model's family when known before training (null: the trainer tells it, in the report),
     # and the compute class it trains and renders on ("standard" or "large").
     model_family: str | None
@@ -115,6 +118,7 @@ def job_view(job: Job, signer: UrlSigner, progress: ProgressView | None = None) 
         created_at=job.created_at,
         updated_at=job.updated_at,
         base_model=job.base_model,
+        base_model_source=job.base_model_source,
         model_family=job.model_family,
         compute=job.compute,
         training=job.training,

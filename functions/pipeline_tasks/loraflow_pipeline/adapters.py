@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
 import boto3
+from loraflow_shared.base_model_mirror import MirrorStore
 from loraflow_shared.errors import ErrorCode, LoraflowError
 from loraflow_shared.jobs.preview_timing import PreviewTimeouts, preview_timeouts
 from loraflow_shared.jobs.repository import JobRepository
@@ -106,11 +107,13 @@ class SageMakerAsyncEndpoints:
 
 
 def build_tasks(settings: PipelineSettings) -> PipelineTasks:
+    s3 = boto3.client("s3")
     return PipelineTasks(
         repository=JobRepository(boto3.resource("dynamodb").Table(settings.jobs_table)),
         notifier=Notifier(boto3.client("sns"), settings.notification_topic_arn),
-        artifacts=S3ArtifactStore(boto3.client("s3")),
+        artifacts=S3ArtifactStore(s3),
         endpoints=SageMakerAsyncEndpoints(boto3.client("sagemaker-runtime")),
+        mirrors=MirrorStore(s3, settings.artifacts_bucket),
         targets=settings.targets,
         artifacts_bucket=settings.artifacts_bucket,
         preview_timeouts=preview_timeouts(settings.preview_timeout_seconds),

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, assert_never
 
 from aws_lambda_powertools import Logger
+from loraflow_shared.base_models import BaseModelSource
 from loraflow_shared.contracts import PreviewRequest, TrainingReport
 from loraflow_shared.errors import ErrorCode, LoraflowError
 from loraflow_shared.families import ComputeClass
@@ -37,6 +38,7 @@ from loraflow_shared.notifications import TerminalNotifier, announce_terminal
 from loraflow_shared.s3 import s3_uri
 from pydantic import ValidationError
 
+from loraflow_pipeline.base_model_inputs import BaseModelInputs, BaseModelMirrors, base_model_inputs
 from loraflow_pipeline.events import (
     Complete,
     Fail,
@@ -89,6 +91,7 @@ class PipelineTasks:
         notifier: TerminalNotifier,
         artifacts: ArtifactStore,
         endpoints: PreviewEndpoints,
+        mirrors: BaseModelMirrors,
         targets: Mapping[ComputeClass, ComputeTarget],
         artifacts_bucket: str,
         preview_timeouts: PreviewTimeouts,
@@ -100,6 +103,7 @@ class PipelineTasks:
         self._notifier = notifier
         self._artifacts = artifacts
         self._endpoints = endpoints
+        self._mirrors = mirrors
         self._targets = targets
         self._bucket = artifacts_bucket
         self._preview_timeouts = preview_timeouts
@@ -141,13 +145,15 @@ class PipelineTasks:
             execution_arn=job.execution_arn,
         )
         names = record.training_job_names or [training_job_name(job.job_id, job.attempt)]
+        inputs = self._inputs(job)
         self._repository.transition(
             job.job_id,
             JobStatus.TRAINING,
             if_attempt=job.attempt,
             attempts=job.with_attempt(record.model_copy(update={"training_job_names": names})),
+            base_model_source=inputs.source,
         )
-        return self._run(job, names[-1])
+        return self._run(job, names[-1], inputs)
 
     def _target(self, job: Job) -> ComputeTarget:
         target = self._targets.get(job.compute)
@@ -158,10 +164,27 @@ class PipelineTasks:
             )
         return target
 
-    def _run(self, job: Job, training_job_name: str, **more: Any) -> dict[str, Any]:
-        """What the state machine keeps in `$.run`: the training job's name and instance type."""
-        instance_type = self._target(job).training_instance_type
-        return {"training_job_name": training_job_name, "instance_type": instance_type, **more}
+    def _inputs(self, job: Job) -> BaseModelInputs:
+        if job.base_model is None:
+            raise LoraflowError(ErrorCode.INTERNAL_ERROR, f"job {job.job_id} has no base model")
+        return base_model_inputs(
+            job.job_id, job.dataset_s3_uri, job.base_model, job.base_model_source, self._mirrors
+        )
+
+    def _run(
+        self, job: Job, training_job_name: str, inputs: BaseModelInputs | None = None, **more: Any
+    ) -> dict[str, Any]:
+        """What the state machine keeps in `$.run`: the training job's name, instance type, input channels
+        and the base model the trainer loads (and the mirror it writes, if any)."""
+        inputs = inputs or self._inputs(job)
+        return {
+            "training_job_name": training_job_name,
+            "instance_type": self._target(job).training_instance_type,
+            "channels": inputs.channels,
+            "base_model": inputs.base_model,
+            "base_model_mirror": inputs.mirror_write_uri,
+            **more,
+        }
 
     def plan_training_retry(self, action: PlanTrainingRetry) -> dict[str, Any]:
         """After a failed submission: wait and submit again under a new name when it lacked capacity
@@ -233,9 +256,10 @@ class PipelineTasks:
         if job.preview is None or job.base_model is None:
             raise LoraflowError(ErrorCode.INTERNAL_ERROR, f"job {job.job_id} has no preview settings")
         inference = inference_id(job.job_id, job.attempt)
+        base_model, source = self._preview_base_model(job.base_model, job.base_model_source)
         request = PreviewRequest(
             job_id=job.job_id,
-            base_model=job.base_model,
+            base_model=base_model,
             lora_s3_uri=action.lora_s3_uri,
             prompts=job.preview.prompts,
             steps=job.preview.steps,
@@ -251,12 +275,25 @@ class PipelineTasks:
             JobStatus.GENERATING_PREVIEWS,
             if_attempt=job.attempt,
             preview_task_token=action.task_token,
+            base_model_source=source,
         )
         input_uri = s3_uri(self._bucket, preview_request_key(inference))
         self._artifacts.put_json(input_uri, request.model_dump_json())
         endpoint = self._target(job).preview_endpoint_name
         self._endpoints.invoke_async(endpoint, input_uri, inference, self._preview_timeouts)
         return {}
+
+    def _preview_base_model(
+        self, base_model: str, source: BaseModelSource | None
+    ) -> tuple[str, BaseModelSource | None]:
+        """The endpoint loads a Hub model from the stack's mirror once published (by this job's trainer,
+        usually), else the pinned commit from the Hub."""
+        if source is None:
+            return base_model, None
+        if self._mirrors.published(source.repo, source.commit) is None:
+            return source.pinned_reference, source
+        uri = self._mirrors.uri(source.repo, source.commit)
+        return uri, source.model_copy(update={"mirror_s3_uri": uri})
 
     def complete(self, action: Complete) -> dict[str, Any]:
         job = self._repository.require(action.job_id)

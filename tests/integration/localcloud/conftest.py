@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 import urllib.request
@@ -15,8 +14,8 @@ import boto3
 import pytest
 from loraflow_local import moto_patches
 from loraflow_local.lambda_runtime import FunctionSpec
+from loraflow_local.moto_server import moto_server
 from loraflow_local.services import LocalServices
-from moto.server import ThreadedMotoServer
 
 FAKES = Path(__file__).parent / "fakes"
 if str(FAKES) not in sys.path:  # the registry would add it at the first cold start; tests read the module too
@@ -33,12 +32,8 @@ def _post(url: str, body: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="session")
 def moto_url() -> Iterator[str]:
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture

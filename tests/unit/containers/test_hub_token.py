@@ -8,8 +8,8 @@ import logging
 
 import boto3
 import pytest
-from loraflow_diffusion.hub_token import SECRET_ARN_VARIABLE, TOKEN_VARIABLE, load_hub_token
 from loraflow_shared.errors import ErrorCode, LoraflowError
+from loraflow_shared.hub_token import SECRET_ARN_VARIABLE, TOKEN_VARIABLE, load_hub_token
 
 TOKEN = "hf_SeCrEtToKeN0123456789"
 

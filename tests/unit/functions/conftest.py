@@ -4,6 +4,10 @@ from collections.abc import Iterator
 
 import pytest
 from functions_aws import REGION, Cloud, FakeLambdaContext, create_cloud
+from loraflow_pipeline.adapters import build_tasks
+from loraflow_pipeline.logic import PipelineTasks
+from loraflow_pipeline.settings import PipelineSettings
+from loraflow_shared.jobs.repository import JobRepository
 from moto import mock_aws
 
 
@@ -29,3 +33,14 @@ def cloud(aws_env: None) -> Iterator[Cloud]:
 @pytest.fixture
 def context() -> FakeLambdaContext:
     return FakeLambdaContext()
+
+
+@pytest.fixture
+def tasks(cloud: Cloud) -> PipelineTasks:
+    """The pipeline function's steps with its own adapters (CAPACITY_WAIT_SECONDS=3600)."""
+    return build_tasks(PipelineSettings.from_environ(cloud.env()))
+
+
+@pytest.fixture
+def repository(cloud: Cloud) -> JobRepository:
+    return JobRepository(cloud.table)

@@ -10,6 +10,7 @@ import boto3
 from functions_aws import ARTIFACTS_BUCKET, REGION, FakeLambdaContext, claim_job, load_event
 from loraflow_pipeline import app
 from loraflow_pipeline.logic import PipelineTasks
+from loraflow_shared.base_models import BaseModelSource
 from loraflow_shared.families import ComputeClass
 from loraflow_shared.jobs.model import Job, JobStatus, PreviewSettings
 from loraflow_shared.jobs.repository import JobRepository
@@ -38,14 +39,21 @@ def record_payload(archive_uri: str) -> dict[str, Any]:
     return payload
 
 
-def job_in(repository: JobRepository, status: JobStatus, compute: ComputeClass = "standard") -> Job:
+def job_in(
+    repository: JobRepository,
+    status: JobStatus,
+    compute: ComputeClass = "standard",
+    base_model: str = "s3://loraflow-artifacts/base-models/tiny-sd/",
+    source: BaseModelSource | None = None,
+) -> Job:
     return claim_job(
         repository,
         JOB_ID,
         PATH_TO.get(status, []),
         dataset_s3_uri="s3://loraflow-datasets/0001-dataset/",
         config_file="config.toml",
-        base_model="s3://loraflow-artifacts/base-models/tiny-sd/",
+        base_model=base_model,
+        base_model_source=source,
         compute=compute,
         preview=PreviewSettings(
             prompts=["a photo of zqxj dog", "zqxj dog"], steps=3, resolution=64, seed=7, clip_skip=2

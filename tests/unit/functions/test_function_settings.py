@@ -25,6 +25,7 @@ ENV = {
     "CAPACITY_WAIT_SECONDS": "21600",
     "TRAINING_PRICES_PER_HOUR": "ml.g5.2xlarge=1.515",
     "UPLOAD_QUEUE_URL": "https://sqs.us-east-1.amazonaws.com/123456789012/uploads",
+    "HF_TOKEN_SECRET_ARN": "arn:aws:secretsmanager:us-east-1:123456789012:secret:hf-token",
 }
 ALL_SETTINGS: list[type[EnvSettings]] = [IngestSettings, PipelineSettings, CallbackSettings, ApiSettings]
 

@@ -27,7 +27,7 @@ from functions_aws import (
 from loraflow_api.adapters import build_queries
 from loraflow_api.settings import ApiSettings
 from loraflow_ingest import app
-from loraflow_ingest.adapters import S3DatasetStore
+from loraflow_ingest.adapters import S3DatasetStore, SecretTokenHubResolver
 from loraflow_ingest.logic import DatasetStore, Ingestor
 from loraflow_shared.dataset.objects import ObjectInfo, ObjectReader
 from loraflow_shared.errors import ErrorCode
@@ -85,6 +85,7 @@ def make_ingest(
         control=_control(cloud, repository, **clients),
         settle_seconds=0,
         default_base_model=DEFAULT_BASE_MODEL,
+        hub=SecretTokenHubResolver(""),
     )
     return lambda event: app.lambda_handler(event, context, ingestor=ingestor)
 

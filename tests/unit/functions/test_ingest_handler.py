@@ -80,7 +80,12 @@ def test_given_settled_valid_dataset_when_ingested_then_queued_and_execution_sta
     assert job.status is JobStatus.QUEUED
     assert job.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert job.config_file == "config.toml"
-    assert [(w.code, w.path) for w in job.warnings] == [(ErrorCode.IGNORED_CONFIG_KEY, "config.toml")]
+    # No Hub in unit tests (HF_HUB_OFFLINE): the model is not pinned, and the job says so (test_ingest_hub).
+    assert [(w.code, w.path) for w in job.warnings] == [
+        (ErrorCode.IGNORED_CONFIG_KEY, "config.toml"),
+        (ErrorCode.SETTING_ADJUSTED, "pretrained_model_name_or_path"),
+    ]
+    assert job.base_model_source is None
     assert job.preview is not None
     assert (job.preview.steps, job.preview.resolution) == (3, 64)
     assert any("zqxj dog" in prompt for prompt in job.preview.prompts)
@@ -311,8 +316,8 @@ def test_given_unknown_hub_model_when_ingested_then_standard_compute_and_a_warni
     [job] = jobs(cloud)
     assert job.status is JobStatus.QUEUED
     assert (job.model_family, job.compute) == (None, "standard")
-    [warning] = job.warnings
-    assert (warning.code, warning.path) == (ErrorCode.SETTING_ADJUSTED, "model_family")
+    [warning] = [w for w in job.warnings if w.path == "model_family"]
+    assert warning.code is ErrorCode.SETTING_ADJUSTED
     assert "someone/merged-model" in warning.message
 
 

@@ -15,9 +15,9 @@ from functions_aws import (
     FakeLambdaContext,
     load_event,
 )
-from loraflow_pipeline.adapters import build_tasks
+from loraflow_pipeline.base_model_inputs import channel
 from loraflow_pipeline.logic import PipelineTasks
-from loraflow_pipeline.settings import PipelineSettings
+from loraflow_shared.base_models import DATASET_CHANNEL
 from loraflow_shared.contracts import PreviewRequest
 from loraflow_shared.errors import ErrorCode, Problem
 from loraflow_shared.jobs.model import JobStatus
@@ -26,21 +26,18 @@ from moto.sagemakerruntime.models import sagemakerruntime_backends
 from pipeline_kit import JOB_ID, job_in, model_archive, read, record_payload, run, step
 
 
-@pytest.fixture
-def tasks(cloud: Cloud) -> PipelineTasks:
-    return build_tasks(PipelineSettings.from_environ(cloud.env()))
-
-
-@pytest.fixture
-def repository(cloud: Cloud) -> JobRepository:
-    return JobRepository(cloud.table)
-
-
 def test_given_queued_job_when_training_marked_then_training(
     tasks: PipelineTasks, repository: JobRepository, context: FakeLambdaContext
 ) -> None:
     job_in(repository, JobStatus.QUEUED)
-    run_state = {"training_job_name": f"loraflow-{JOB_ID}-1-1", "instance_type": "ml.g5.2xlarge"}
+    run_state = {
+        "training_job_name": f"loraflow-{JOB_ID}-1-1",
+        "instance_type": "ml.g5.2xlarge",
+        # An S3 base model: the dataset's channel only, and the model as the config named it.
+        "channels": [channel(DATASET_CHANNEL, "s3://loraflow-datasets/0001-dataset/")],
+        "base_model": "s3://loraflow-artifacts/base-models/tiny-sd/",
+        "base_model_mirror": "",
+    }
     assert run(tasks, context, step("mark_training")) == run_state
     assert run(tasks, context, step("mark_training")) == run_state
     job = repository.require(JOB_ID)

@@ -8,9 +8,7 @@ from typing import Any
 import boto3
 import pytest
 from functions_aws import ARTIFACTS_BUCKET, REGION, Cloud, FakeLambdaContext
-from loraflow_pipeline.adapters import build_tasks
 from loraflow_pipeline.logic import PipelineTasks
-from loraflow_pipeline.settings import PipelineSettings
 from loraflow_shared.errors import ErrorCode, Problem
 from loraflow_shared.jobs.model import JobStatus
 from loraflow_shared.jobs.repository import JobRepository
@@ -24,11 +22,6 @@ VALIDATION_WARNING = Problem(
 )
 WEAK = {"code": "WEAK_LORA", "path": "", "message": "outputs changed by 0.1% on the training prompts"}
 ADJUSTED = {"code": "SETTING_ADJUSTED", "path": "", "message": "AdamW8bit needs CUDA: AdamW used"}
-
-
-@pytest.fixture
-def tasks(cloud: Cloud) -> PipelineTasks:
-    return build_tasks(PipelineSettings.from_environ(cloud.env()))
 
 
 @pytest.fixture

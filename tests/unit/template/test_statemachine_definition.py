@@ -262,7 +262,9 @@ def test_given_asl_when_state_paths_read_then_only_execution_input_or_written_re
     roots = {path.split(".")[1] for path in _json_paths(parameters)}
 
     assert roots <= set(ExecutionInput.model_fields) | WRITTEN_PATHS
-    assert set(ExecutionInput.model_fields) - {"dataset"} <= roots
+    # The dataset, its URI and the base model as named are for people reading the execution's input:
+    # the pipeline function reads the job's own record (the base model pinned, its channels).
+    assert set(ExecutionInput.model_fields) - {"dataset", "dataset_s3_uri", "base_model"} <= roots
 
 
 def test_given_training_step_when_configured_then_dataset_channel_and_contract_hyperparameters(
@@ -270,12 +272,16 @@ def test_given_training_step_when_configured_then_dataset_channel_and_contract_h
 ) -> None:
     train = asl["States"]["Train"]
     parameters = train["Parameters"]
-    (channel,) = parameters["InputDataConfig"]
 
     assert train["Resource"] == "arn:aws:states:::sagemaker:createTrainingJob.sync"
-    assert channel["ChannelName"] == "dataset"
-    assert channel["DataSource"]["S3DataSource"]["S3Uri.$"] == "$.dataset_s3_uri"
-    assert set(parameters["HyperParameters"]) == {"config_file.$", "base_model.$", "job_id.$"}
+    # The dataset channel, and a mirrored base model's: what mark_training / plan_training_retry return.
+    assert parameters["InputDataConfig.$"] == "$.run.channels"
+    assert parameters["HyperParameters"] == {
+        "config_file.$": "$.config_file",
+        "base_model.$": "$.run.base_model",
+        "base_model_mirror.$": "$.run.base_model_mirror",
+        "job_id.$": "$.job_id",
+    }
     assert parameters["EnableManagedSpotTraining.$"] == "$.settings.spot"
     assert parameters["StoppingCondition.$"] == "$.settings.stopping_condition"
     assert parameters["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"

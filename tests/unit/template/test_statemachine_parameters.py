@@ -16,7 +16,9 @@ import boto3
 import botocore.session
 import pytest
 from botocore.validate import ParamValidator
+from loraflow_pipeline.base_model_inputs import channel
 from loraflow_pipeline.events import ACTION_ADAPTER
+from loraflow_shared.base_models import BASE_MODEL_CHANNEL, DATASET_CHANNEL
 from loraflow_shared.jobs.model import checkpoint_prefix, training_job_name
 from loraflow_shared.jobs.preview_timing import MIN_PREVIEW_TIMEOUT_S
 from moto import mock_aws
@@ -30,8 +32,16 @@ EXECUTION_INPUT = {
     "config_file": "config.toml",
     "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
 }
-# What MarkTraining / PlanTrainingRetry return: the name and the instance type of the job's compute class.
-RUN = {"training_job_name": training_job_name("ds-0123abcd", 2, 3), "instance_type": "ml.g6e.2xlarge"}
+MIRROR = "s3://artifacts/base-models/hub/stable-diffusion-v1-5/stable-diffusion-v1-5@" + "a" * 40 + "/"
+# What MarkTraining / PlanTrainingRetry return: the name and the instance type of the job's compute class,
+# the channels (here with the stack's mirror of the base model) and the base model the trainer loads.
+RUN = {
+    "training_job_name": training_job_name("ds-0123abcd", 2, 3),
+    "instance_type": "ml.g6e.2xlarge",
+    "channels": [channel(DATASET_CHANNEL, "s3://datasets/cats/"), channel(BASE_MODEL_CHANNEL, MIRROR)],
+    "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5@" + "a" * 40,
+    "base_model_mirror": "",
+}
 SETTINGS = {"spot": True, "stopping_condition": {"MaxRuntimeInSeconds": 14400}, "preview_timeout_s": 3600}
 TRAINING = {  # the .sync task's output: DescribeTrainingJob
     "TrainingJobName": RUN["training_job_name"],
@@ -167,10 +177,13 @@ def test_given_execution_input_when_training_parameters_evaluated_then_valid_cre
     }
     assert request["HyperParameters"] == {
         "config_file": "config.toml",
-        "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5@" + "a" * 40,  # pinned by ingest
+        "base_model_mirror": "",
         "job_id": "ds-0123abcd",
     }
+    assert [c["ChannelName"] for c in request["InputDataConfig"]] == ["dataset", "base_model"]
     assert request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://datasets/cats/"
+    assert request["InputDataConfig"][1]["DataSource"]["S3DataSource"]["S3Uri"] == MIRROR
     assert request["OutputDataConfig"] == {"S3OutputPath": "s3://artifacts/training"}
     # Botocore's model of CreateTrainingJob accepts it as is (what SageMaker's API would check first).
     report = ParamValidator().validate(request, _create_training_job_shape())

@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import pytest
+from loraflow_shared.base_models import MANIFEST_FILE, lease_key, mirror_prefix
 from loraflow_shared.jobs.model import checkpoint_prefix, progress_key
 from template_helpers import as_list, policy_statements
 
@@ -96,6 +97,9 @@ def test_given_sagemaker_role_when_syncing_checkpoints_then_it_may_read_write_an
     assert _allowed(transformed, "SageMakerExecutionRole", "s3:ListBucket", "arn:aws:s3:::artifacts")
 
 
+REPO, COMMIT = "owner/model", "0" * 40
+
+
 def test_given_sagemaker_role_when_deleting_then_only_checkpoints(transformed: dict[str, Any]) -> None:
     published_lora = f"arn:aws:s3:::artifacts/jobs/{JOB_ID}/lora/pytorch_lora_weights.safetensors"
 
@@ -103,6 +107,12 @@ def test_given_sagemaker_role_when_deleting_then_only_checkpoints(transformed: d
     assert not _allowed(
         transformed, "SageMakerExecutionRole", "s3:DeleteObject", "arn:aws:s3:::datasets/x.png"
     )
+    # A trainer releases the mirror lease it held, and never deletes a published mirror.
+    lease = f"arn:aws:s3:::artifacts/{lease_key(REPO, COMMIT)}"
+    mirror_file = f"arn:aws:s3:::artifacts/{mirror_prefix(REPO, COMMIT)}{MANIFEST_FILE}"
+    assert _allowed(transformed, "SageMakerExecutionRole", "s3:DeleteObject", lease)
+    assert _allowed(transformed, "SageMakerExecutionRole", "s3:PutObject", mirror_file)
+    assert not _allowed(transformed, "SageMakerExecutionRole", "s3:DeleteObject", mirror_file)
 
 
 def test_given_jobs_api_role_when_reading_progress_then_allowed_but_never_writing(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from loraflow_shared.base_models import parse_hub_model
 from loraflow_shared.dataset.config import TrainingConfig
 from loraflow_shared.errors import ErrorCode, Problem
 from loraflow_shared.families import (
@@ -38,11 +39,16 @@ class ComputeChoice:
 
 
 def choose_compute(
-    config: TrainingConfig, base_model: str, read_text: TextReader, large_models: bool = True
+    config: TrainingConfig,
+    base_model: str,
+    read_text: TextReader,
+    large_models: bool = True,
+    hub_model_index: str | None = None,
 ) -> ComputeChoice:
-    """`large_models`: whether the stack has the large compute class (stack parameter LargeModelFamilies)."""
+    """`large_models`: whether the stack has the large compute class (stack parameter LargeModelFamilies);
+    `hub_model_index`: a Hub model's model_index.json, when ingest could read it."""
     claimed = claimed_family_name(config)
-    detected, evidence = _detected_family(base_model, read_text)
+    detected, evidence = _detected_family(base_model, read_text, hub_model_index)
     if claimed is not None and detected is not None and detected.name != claimed:
         error = _contradiction(config, base_model, detected, evidence)
         return ComputeChoice(None, DEFAULT_COMPUTE, error=error)
@@ -54,9 +60,15 @@ def choose_compute(
     return ComputeChoice(facts.name, facts.compute)
 
 
-def _detected_family(base_model: str, read_text: TextReader) -> tuple[FamilyFacts | None, str]:
+def _detected_family(
+    base_model: str, read_text: TextReader, hub_model_index: str | None
+) -> tuple[FamilyFacts | None, str]:
+    hub = parse_hub_model(base_model)
+    if hub is not None and hub_model_index is not None:
+        return family_from_model_index(hub_model_index), f"its {MODEL_INDEX_FILE} on the Hub says so"
     if not base_model.startswith("s3://"):
-        return facts_for_hub_repo(base_model), "it is a published base model of that family"
+        repo = hub.repo if hub is not None else base_model
+        return facts_for_hub_repo(repo), "it is a published base model of that family"
     if base_model.lower().endswith(SINGLE_FILE_SUFFIXES):
         return None, ""
     text = read_text(f"{base_model.rstrip('/')}/{MODEL_INDEX_FILE}")

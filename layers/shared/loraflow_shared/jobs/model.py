@@ -10,6 +10,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from loraflow_shared.base_models import BaseModelSource
 from loraflow_shared.dataset.objects import ObjectInfo
 from loraflow_shared.errors import Problem
 from loraflow_shared.families import DEFAULT_COMPUTE, ComputeClass
@@ -134,6 +135,8 @@ class Job(_Record):
     warnings: list[Problem] = Field(default_factory=list)
     config_file: str | None = None
     base_model: str | None = None
+    # A Hub base model's exact commit (resolved at ingest) and, once used, the stack's mirror of it.
+    base_model_source: BaseModelSource | None = None
     # Decided at ingest (`jobs.compute`): the family when known before training, and the compute it gets.
     model_family: str | None = None
     compute: ComputeClass = DEFAULT_COMPUTE

@@ -16,6 +16,7 @@ from typing import Any
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
+
 from loraflow_shared.errors import ErrorCode, LoraflowError
 
 SECRET_ARN_VARIABLE = "HF_TOKEN_SECRET_ARN"
@@ -62,6 +63,12 @@ def load_hub_token(
     arn = env.get(SECRET_ARN_VARIABLE, "").strip()
     if not arn:
         return False
+    env[TOKEN_VARIABLE] = read_hub_token(arn, client_factory)
+    return True
+
+
+def read_hub_token(arn: str, client_factory: Callable[[], Any]) -> str:
+    """The token in the secret `arn`; an error (MODEL_LOAD_FAILED) names the secret, never the value."""
     try:
         with _sdk_debug_logging_off():
             secret = client_factory().get_secret_value(SecretId=arn)
@@ -77,5 +84,4 @@ def load_hub_token(
     token = _token_from_secret(str(secret.get("SecretString") or ""))
     if not token:
         raise LoraflowError(ErrorCode.MODEL_LOAD_FAILED, f"the Hugging Face token secret {arn} is empty")
-    env[TOKEN_VARIABLE] = token
-    return True
+    return token
