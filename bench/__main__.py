@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import training, validation
+from bench import hub_cache, training, validation
 
-BENCHMARKS = {"training": training.run, "validation": validation.run}
+BENCHMARKS = {"hub_cache": hub_cache.run, "training": training.run, "validation": validation.run}
 
 
 def merge_results(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:

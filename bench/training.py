@@ -126,23 +126,13 @@ def fastest_run(root: Path, model: Path, steps: int, extra: str) -> TrainerRun:
 
 def run_trainer(root: Path, model: Path, steps: int, extra: str = "") -> TrainerRun:
     """One `python -m loraflow_training train` in a fresh SageMaker layout; fails loudly on exit != 0."""
-    dataset = _write_dataset(root / "input" / "data" / "dataset", steps, extra)
+    dataset = write_dataset(root / "input" / "data" / "dataset", steps, extra)
     config_dir = root / "input" / "config"
     config_dir.mkdir(parents=True)
     hyperparameters = {"config_file": CONFIG_FILE, "base_model": str(model), "job_id": "bench"}
     (config_dir / "hyperparameters.json").write_text(json.dumps(hyperparameters), encoding="utf-8")
     env = {name: value for name, value in os.environ.items() if not name.startswith(("SM_", "LORAFLOW_"))}
-    env |= {
-        "SM_INPUT_DIR": str(root / "input"),
-        "SM_INPUT_CONFIG_DIR": str(config_dir),
-        "SM_CHANNEL_DATASET": str(dataset),
-        "SM_MODEL_DIR": str(root / "model"),
-        "SM_OUTPUT_DIR": str(root / "output"),
-        "SM_OUTPUT_DATA_DIR": str(root / "output" / "data"),
-        "SM_CHECKPOINT_DIR": str(root / "checkpoints"),
-        "OMP_NUM_THREADS": str(THREADS),
-        "HF_HUB_OFFLINE": "1",
-    }
+    env |= sagemaker_layout(root, dataset) | {"OMP_NUM_THREADS": str(THREADS), "HF_HUB_OFFLINE": "1"}
     log = root / "training.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
@@ -162,7 +152,20 @@ def run_trainer(root: Path, model: Path, steps: int, extra: str = "") -> Trainer
     )
 
 
-def _write_dataset(dataset: Path, steps: int, extra: str) -> Path:
+def sagemaker_layout(root: Path, dataset: Path) -> dict[str, str]:
+    """SageMaker's /opt/ml paths under `root` (the `SM_*` overrides `TrainingPaths` reads)."""
+    return {
+        "SM_INPUT_DIR": str(root / "input"),
+        "SM_INPUT_CONFIG_DIR": str(root / "input" / "config"),
+        "SM_CHANNEL_DATASET": str(dataset),
+        "SM_MODEL_DIR": str(root / "model"),
+        "SM_OUTPUT_DIR": str(root / "output"),
+        "SM_OUTPUT_DATA_DIR": str(root / "output" / "data"),
+        "SM_CHECKPOINT_DIR": str(root / "checkpoints"),
+    }
+
+
+def write_dataset(dataset: Path, steps: int, extra: str) -> Path:
     """`IMAGES` generated images at the training resolution (one bucket), captioned by the folder."""
     folder = dataset / "1_bnch"
     folder.mkdir(parents=True)

@@ -4,6 +4,7 @@ loraflow local up --state-dir DIR [--fresh] [--aws-port N] [--api-port N] [--set
                   [--save-interval S] [--parameter K=V ...]
 loraflow validate PATH          # a dataset folder on disk, with the same rules as an upload
 loraflow demo [--output DIR]    # the whole pipeline on a generated dataset
+loraflow models (--stack NAME | --state-dir DIR) list | pull MODEL | delete MODEL[@COMMIT]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraflow_local.intrinsics import TemplateError
+from loraflow_local.models_cli import add_models_parser, run_models
 from loraflow_local.persistence import DEFAULT_SAVE_INTERVAL_S, PortInUseError
 
 if TYPE_CHECKING:
@@ -34,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _local_up(args)
     if args.command == "validate":
         return _validate(Path(args.path))
+    if args.command == "models":
+        return run_models(args)
     from loraflow_local.demo import run_demo  # imported late: it pulls in the whole local cloud
 
     return run_demo(Path(args.output), Path(args.state_dir) if args.state_dir else None)
@@ -88,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         "--state-dir",
         help="keep the local cloud's files here (each demo starts empty; default: a temporary folder)",
     )
+    add_models_parser(commands)
     return parser
 
 

@@ -1,16 +1,21 @@
 """The new model families on the embedded local cloud, through the user's interfaces only: a FLUX.1 dataset
-and a Z-Image dataset, each naming its tiny base model the local cloud provisions in S3, train, render
-previews on their compute class's endpoint and deliver both LoRA files."""
+naming a Hub model (the tiny FLUX.1, served on loopback) and a Z-Image dataset naming the tiny model the
+local cloud provisions in S3 train, render previews on their compute class's endpoint and deliver both
+LoRA files. Then a second FLUX.1 dataset on the same Hub model trains from the stack's copy: no byte from
+the Hub."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from loraflow_diffusion.tiny_models import TINY_MODELS
 from loraflow_local.base_model import tiny_model_uri
 from loraflow_local.client import TERMINAL_STATUSES, StackClient
+from loraflow_local.loopback_hub import LoopbackHub
 from loraflow_local.sample_dataset import CONFIG_NAME, write_sample_dataset
 from PIL import Image
 from safetensors import safe_open
@@ -18,11 +23,14 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.integration
 
-# dataset -> (tiny model, the family ingest tells from its model_index.json, its compute class)
+HUB_MODEL = "loopback/tiny-flux1"
+# dataset -> (base model: a Hub id or a tiny model in S3, the family ingest tells from its model_index.json
+# (the Hub's, or the S3 folder's), its compute class)
 DATASETS = {
-    "0101-flux": ("tiny-flux1", "flux1", "large"),
+    "0101-flux": (HUB_MODEL, "flux1", "large"),
     "0102-zimage": ("tiny-z_image", "z_image", "standard"),
 }
+AGAIN = "0103-flux-again"  # uploaded once the others ended: the Hub model is in the stack by then
 # What each family's kohya file is named in (the names ComfyUI maps), and what its metadata says.
 KOHYA_FACTS = {
     "flux1": ("lora_unet_double_blocks_", "flux1", "flux-1-dev/lora"),
@@ -38,8 +46,36 @@ def _dataset_for(root: Path, dataset_id: str, model_uri: str) -> Path:
     return dataset
 
 
+def _wait(client: StackClient, queue_url: str, datasets: set[str]) -> dict[str, dict[str, Any]]:
+    terminal: dict[str, dict[str, Any]] = {}
+    while set(terminal) != datasets:
+        notification = client.next_notification(queue_url, timeout_s=600)
+        assert notification is not None, f"timed out; terminal so far: {terminal}"
+        if notification["status"] in TERMINAL_STATUSES:
+            terminal[notification["dataset"]] = notification
+    return {d: client.api_get(f"/jobs/{n['job_id']}")[1] for d, n in terminal.items()}
+
+
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackHub]:
+    _, build = TINY_MODELS["tiny-flux1"]
+    with LoopbackHub({HUB_MODEL: build(tmp_path_factory.mktemp("hub") / "tiny-flux1")}) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def hub_env(hub: LoopbackHub) -> Iterator[None]:
+    """Set before the cloud starts: its ingest function and its training jobs reach this Hub."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HF_ENDPOINT", hub.endpoint)
+        env.delenv("HF_HUB_OFFLINE", raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def outcomes(
+    tmp_path_factory: pytest.TempPathFactory, hub: LoopbackHub, hub_env: None
+) -> Iterator[dict[str, Any]]:
     from loraflow_local.cloud import LocalCloud
 
     root = tmp_path_factory.mktemp("families")
@@ -48,15 +84,30 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         queue_url = client.subscribe_notifications("families-notifications")
         bucket = cloud.endpoints["artifacts_bucket"]
         for dataset_id, (model, _, _) in DATASETS.items():
-            client.upload_dataset(_dataset_for(root, dataset_id, tiny_model_uri(bucket, model)), dataset_id)
-        terminal: dict[str, dict[str, Any]] = {}
-        while len(terminal) < len(DATASETS):
-            notification = client.next_notification(queue_url, timeout_s=600)
-            assert notification is not None, f"timed out; terminal so far: {terminal}"
-            if notification["status"] in TERMINAL_STATUSES:
-                terminal[notification["dataset"]] = notification
-        jobs = {d: client.api_get(f"/jobs/{n['job_id']}")[1] for d, n in terminal.items()}
-        yield {"client": client, "jobs": jobs, "tmp": root}
+            uri = model if model == HUB_MODEL else tiny_model_uri(bucket, model)
+            client.upload_dataset(_dataset_for(root, dataset_id, uri), dataset_id)
+        jobs = _wait(client, queue_url, set(DATASETS))
+        first_use = hub.bytes_served
+        hub.reset_counters()
+        client.upload_dataset(_dataset_for(root, AGAIN, HUB_MODEL), AGAIN)
+        again = _wait(client, queue_url, {AGAIN})[AGAIN]
+        yield {"client": client, "jobs": jobs, "tmp": root, "again": again, "first_use_bytes": first_use}
+
+
+def test_given_hub_model_used_before_when_a_second_dataset_trains_on_it_then_no_byte_from_the_hub(
+    outcomes: dict[str, Any], hub: LoopbackHub
+) -> None:
+    first, again = outcomes["jobs"]["0101-flux"], outcomes["again"]
+    commit = hub.commit(HUB_MODEL)
+
+    assert outcomes["first_use_bytes"] > 0
+    assert again["status"] == "COMPLETED", again
+    assert (hub.bytes_served, hub.file_requests) == (0, 0)  # ingest, trainer and previews: the stack's copy
+    for job in (first, again):
+        source = job["base_model_source"]
+        assert (source["repo"], source["commit"]) == (HUB_MODEL, commit)
+        assert source["mirror_s3_uri"].endswith(f"/base-models/hub/{HUB_MODEL}@{commit}/")
+    assert again["training"]["steps"] == first["training"]["steps"]
 
 
 @pytest.mark.parametrize("dataset_id", list(DATASETS))

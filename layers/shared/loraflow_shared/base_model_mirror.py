@@ -128,14 +128,21 @@ class MirrorStore:
             self._client.delete_object(Bucket=self._bucket, Key=key)
 
     def upload(
-        self, folder: Path, repo: str, commit: str, revision: str | None, holder: str
+        self,
+        folder: Path,
+        repo: str,
+        commit: str,
+        revision: str | None,
+        holder: str,
+        progress: Callable[[int], None] | None = None,
     ) -> MirrorManifest:
-        """Upload every file under `folder`, then publish the manifest (last), then release the lease."""
+        """Upload every file under `folder`, then publish the manifest (last), then release the lease.
+        `progress` is called with the bytes sent as they go (a progress bar's update)."""
         prefix = mirror_prefix(repo, commit)
         files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
         for relative, path in files.items():
             # upload_file: multipart and parallel for the multi-GB weights, as the AWS CLI does.
-            self._client.upload_file(str(path), self._bucket, prefix + relative)
+            self._client.upload_file(str(path), self._bucket, prefix + relative, Callback=progress)
         manifest = MirrorManifest(
             repo=repo,
             commit=commit,
@@ -144,19 +151,26 @@ class MirrorStore:
             mirrored_at=self._clock().isoformat(),
             mirrored_by=holder,
         )
+        self.publish(manifest)
+        self.release_lease(repo, commit, holder)
+        return manifest
+
+    def publish(self, manifest: MirrorManifest) -> None:
         self._client.put_object(
             Bucket=self._bucket,
-            Key=prefix + MANIFEST_FILE,
+            Key=mirror_prefix(manifest.repo, manifest.commit) + MANIFEST_FILE,
             Body=manifest.model_dump_json(indent=1).encode(),
             ContentType="application/json",
         )
-        self.release_lease(repo, commit, holder)
-        return manifest
+
+    def unpublish(self, repo: str, commit: str) -> None:
+        """No job starts on it from now on (the files stay until `delete`)."""
+        self._client.delete_object(Bucket=self._bucket, Key=mirror_prefix(repo, commit) + MANIFEST_FILE)
 
     def delete(self, repo: str, commit: str) -> int:
         """Unpublish (manifest first, so no new job picks it up midway), then delete the files."""
         prefix = mirror_prefix(repo, commit)
-        self._client.delete_object(Bucket=self._bucket, Key=prefix + MANIFEST_FILE)
+        self.unpublish(repo, commit)
         keys = [o.key for o in list_objects(self._client, self._bucket, prefix)]
         for start in range(0, len(keys), 1000):  # DeleteObjects takes 1000 keys per call
             batch: list[Any] = [{"Key": key} for key in keys[start : start + 1000]]

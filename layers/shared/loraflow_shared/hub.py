@@ -8,7 +8,7 @@ import json
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 from urllib.parse import quote
@@ -41,12 +41,15 @@ class HubError(Exception):
 class HubResolution:
     commit: str
     gated: bool
-    model_index: str | None  # the text of model_index.json at the commit; None: not a diffusers repo
+    has_model_index: bool  # a diffusers repo
+    model_index: str | None = None  # its text at the commit, when read
 
 
-def resolve(model: HubModel, token: str | None, endpoint: str | None = None) -> HubResolution:
+def resolve(
+    model: HubModel, token: str | None, endpoint: str | None = None, read_model_index: bool = True
+) -> HubResolution:
     """The commit `model` names now, and its model_index.json (read with the token: a gated repo's
-    metadata is public, its files are not, so this is also the check that the stack may download it)."""
+    metadata is public, its files are not, so reading it is also the check that the token may download)."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:  # huggingface_hub's switch
         raise HubError(HubProblem.UNREACHABLE, "the Hub is switched off here (HF_HUB_OFFLINE)")
     base = (endpoint or hub_endpoint()).rstrip("/")
@@ -56,12 +59,19 @@ def resolve(model: HubModel, token: str | None, endpoint: str | None = None) -> 
     if len(commit) != 40:
         raise HubError(HubProblem.UNREACHABLE, f"the Hub named no commit for {model.reference}")
     files = {str(s.get("rfilename")) for s in info.get("siblings") or [] if isinstance(s, dict)}
-    index = (
-        _get(f"{base}/{model.repo}/resolve/{commit}/{MODEL_INDEX_FILE}", token, model)
-        if MODEL_INDEX_FILE in files
-        else None
+    found = HubResolution(
+        commit=commit, gated=bool(info.get("gated")), has_model_index=MODEL_INDEX_FILE in files
     )
-    return HubResolution(commit=commit, gated=bool(info.get("gated")), model_index=index)
+    if not (read_model_index and found.has_model_index):
+        return found
+    return replace(found, model_index=read_hub_text(model, commit, MODEL_INDEX_FILE, token, base))
+
+
+def read_hub_text(
+    model: HubModel, commit: str, path: str, token: str | None, endpoint: str | None = None
+) -> str:
+    base = (endpoint or hub_endpoint()).rstrip("/")
+    return _get(f"{base}/{model.repo}/resolve/{commit}/{path}", token, model)
 
 
 def _get(url: str, token: str | None, model: HubModel) -> str:

@@ -85,7 +85,7 @@ def make_ingest(
         control=_control(cloud, repository, **clients),
         settle_seconds=0,
         default_base_model=DEFAULT_BASE_MODEL,
-        hub=SecretTokenHubResolver(""),
+        hub=SecretTokenHubResolver("", lambda uri: None, ARTIFACTS_BUCKET),
     )
     return lambda event: app.lambda_handler(event, context, ingestor=ingestor)
 
