@@ -12,7 +12,8 @@ import boto3
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from loraflow_diffusion.sagemaker_env import TrainingPaths
 from loraflow_shared.base_model_mirror import MirrorStore
-from loraflow_shared.base_models import BASE_MODEL_CHANNEL, parse_hub_model
+from loraflow_shared.base_models import BASE_MODEL_CHANNEL, HubModel, parse_hub_model
+from loraflow_shared.errors import ErrorCode, LoraflowError
 from loraflow_shared.families import MODEL_INDEX_FILE
 from loraflow_shared.s3 import parse_s3_uri
 
@@ -32,22 +33,33 @@ def base_model_to_load(
     hub = parse_hub_model(base_model)
     if not mirror_uri or hub is None or not hub.is_pinned:
         return base_model, []
-    folder = Path(
-        DiffusionPipeline.download(hub.repo, revision=hub.revision, cache_dir=paths.model_cache_dir)
-    )
-    bucket, _ = parse_s3_uri(mirror_uri)
-    store = MirrorStore(boto3.client("s3"), bucket)
+    return _download_and_mirror(paths, hub, mirror_uri, job_id)
+
+
+def _download_and_mirror(
+    paths: TrainingPaths, hub: HubModel, mirror_uri: str, job_id: str
+) -> tuple[str, list[str]]:
+    commit = str(hub.revision)
+    store = MirrorStore(boto3.client("s3"), parse_s3_uri(mirror_uri)[0])
     try:
-        manifest = store.upload(folder, hub.repo, str(hub.revision), revision=None, holder=job_id)
+        folder = Path(DiffusionPipeline.download(hub.repo, revision=commit, cache_dir=paths.model_cache_dir))
+    except Exception as exc:  # released: the next job on this commit may write the copy
+        store.release_lease(hub.repo, commit, job_id)
+        raise LoraflowError(
+            ErrorCode.MODEL_LOAD_FAILED,
+            f"cannot download base model {hub.reference!r}: {type(exc).__name__}: {exc}",
+        ) from exc
+    try:
+        manifest = store.upload(folder, hub.repo, commit, revision=None, holder=job_id)
     except Exception as exc:  # the job trains anyway; the next one downloads from the Hub again
-        logger.exception("mirroring %s to %s failed", base_model, mirror_uri)
-        store.release_lease(hub.repo, str(hub.revision), job_id)
-        return str(folder), [f"the base model could not be mirrored to {mirror_uri} ({type(exc).__name__})"]
+        logger.exception("copying %s to %s failed", hub.reference, mirror_uri)
+        store.release_lease(hub.repo, commit, job_id)
+        return str(folder), [f"the base model could not be copied to {mirror_uri} ({type(exc).__name__})"]
     logger.info(
-        "mirrored %s: %d files, %d bytes to %s",
-        base_model,
+        "copied %s to %s: %d files, %d bytes",
+        hub.reference,
+        mirror_uri,
         len(manifest.files),
         manifest.total_bytes,
-        mirror_uri,
     )
     return str(folder), []

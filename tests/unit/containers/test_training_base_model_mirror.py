@@ -56,7 +56,9 @@ def s3(moto_url: str) -> Iterator[object]:
     client.delete_bucket(Bucket=BUCKET)
 
 
-def _train(dirs: SageMakerDirs, hub: LoopbackHub, moto_url: str, cache: Path, mirror: str = "") -> None:
+def _train(
+    dirs: SageMakerDirs, hub: LoopbackHub, moto_url: str, cache: Path, mirror: str = "", succeeds: bool = True
+) -> None:
     hyperparameters = dirs.root / "input" / "config" / "hyperparameters.json"
     values = json.loads(hyperparameters.read_text())
     hyperparameters.write_text(json.dumps({**values, "base_model_mirror": mirror}))
@@ -77,7 +79,7 @@ def _train(dirs: SageMakerDirs, hub: LoopbackHub, moto_url: str, cache: Path, mi
         timeout=300,
         check=False,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode == 0) == succeeds, result.stderr[-3000:]
 
 
 def _download_channel(s3: object, prefix: str, channel: Path) -> None:
@@ -133,3 +135,18 @@ def test_given_job_without_the_lease_when_trained_then_hub_once_and_no_mirror_wr
 
     assert hub.bytes_served > 0
     assert s3.list_objects_v2(Bucket=BUCKET).get("KeyCount") == 0  # type: ignore[attr-defined]
+
+
+def test_given_lease_holder_whose_download_fails_when_trained_then_model_load_failed_and_lease_released(
+    tmp_path: Path, hub: LoopbackHub, moto_url: str, s3: object
+) -> None:
+    missing = "0" * 40  # a commit the Hub does not have (deleted since ingest pinned it)
+    store = MirrorStore(s3, BUCKET)  # type: ignore[arg-type]
+    assert store.acquire_lease(REPO, missing, "job-1", ttl_seconds=600)
+    dirs = make_sagemaker_dirs(tmp_path / "job", pinned(REPO, missing))
+
+    _train(dirs, hub, moto_url, tmp_path / "cache", mirror=store.uri(REPO, missing), succeeds=False)
+
+    assert dirs.failure["code"] == "MODEL_LOAD_FAILED" and REPO in dirs.failure["message"]
+    assert store.acquire_lease(REPO, missing, "job-2", ttl_seconds=600)  # free for the next job at once
+    assert store.published(REPO, missing) is None
