@@ -54,9 +54,10 @@ def build_optimizer(name: OptimizerName, groups: Sequence[ParamGroup]) -> torch.
         return Adafactor(
             param_groups, lr=default_lr, relative_step=False, scale_parameter=False, warmup_init=False
         )
-    # foreach: one kernel per update op for all LoRA tensors; torch picks it only on CUDA by default,
-    # and the per-tensor loop is the largest non-UNet cost of a CPU step (hundreds of small tensors).
-    return torch.optim.AdamW(param_groups, lr=default_lr, foreach=True)
+    # fused: one kernel for the whole update of all LoRA tensors (CPU and CUDA). torch's default on CPU
+    # is a per-tensor loop, and even foreach cost 2.4 ms per 100 small tensors against fused's 0.6 ms
+    # (1 CPU thread): the largest non-denoiser cost of a step on the DiT families' hundreds of LoRA tensors.
+    return torch.optim.AdamW(param_groups, lr=default_lr, fused=True)
 
 
 def build_lr_scheduler(
