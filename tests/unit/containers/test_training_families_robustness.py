@@ -29,6 +29,11 @@ FLOW_MODELS = [
     if isinstance(family_named(family).objective, FlowMatchingObjective)
 ]
 STEPS, EVERY = 8, 2
+# Two processes cost ~18 s a family (three interpreters start). Sharding and gradient averaging happen
+# before and after the family's predict, so two families with the most different inputs are run: FLUX.1
+# (packed latents, guidance, pooled CLIP) and Qwen-Image (per-caption attention masks); the suite's
+# 20-minute budget leaves no room for all four.
+DATA_PARALLEL_MODELS = ("tiny-flux1", "tiny-qwen_image")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -91,6 +96,8 @@ def test_given_killed_flow_family_training_when_restarted_then_resumes_and_match
 def test_given_two_processes_on_a_flow_family_when_trained_then_lora_matches_one_process(
     tmp_path: Path, flow_model: Path, uninterrupted: SageMakerDirs
 ) -> None:
+    if flow_model.name not in DATA_PARALLEL_MODELS:
+        pytest.skip(f"{flow_model.name}: data parallel is checked on {', '.join(DATA_PARALLEL_MODELS)}")
     two = _job(tmp_path / "two", flow_model, batch=1)
     result = subprocess.run(
         [sys.executable, "-m", "loraflow_training", "train"],
