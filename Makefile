@@ -11,7 +11,7 @@ export AWS_DEFAULT_REGION ?= us-east-1
 export AWS_ACCESS_KEY_ID ?= testing
 export AWS_SECRET_ACCESS_KEY ?= testing
 
-.PHONY: install lint test test-fast test-unit test-integration demo bench local-up clean
+.PHONY: install lint test test-fast test-unit test-integration demo bench toy-base local-up clean
 
 install: $(STAMP) $(SAM_STAMP)
 
@@ -51,6 +51,10 @@ demo: install
 
 bench: install
 	$(BIN)/python -m bench --output bench/results.json
+
+# Refit the toy world's base model (committed: nobody needs to run this; ~30 min on 2 CPU cores).
+toy-base: install
+	$(BIN)/python -m loraflow_diffusion.toy_world.fit
 
 local-up: install
 	$(BIN)/loraflow local up --state-dir .localcloud

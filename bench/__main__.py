@@ -6,9 +6,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import hub_cache, training, validation
+from bench import hub_cache, preview_swap, toy_world, training, validation
 
-BENCHMARKS = {"hub_cache": hub_cache.run, "training": training.run, "validation": validation.run}
+BENCHMARKS = {
+    "hub_cache": hub_cache.run,
+    "preview_swap": preview_swap.run,
+    "toy_world": toy_world.run,
+    "training": training.run,
+    "validation": validation.run,
+}
 
 
 def merge_results(existing: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:

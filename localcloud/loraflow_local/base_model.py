@@ -1,5 +1,6 @@
 """The local base models: every family's tiny pipeline (`loraflow_diffusion.tiny_models`), built once per
-state dir and uploaded to `s3://<ArtifactsBucket>/base-models/<name>/`; `tiny-sd` is the default.
+state dir and uploaded to `s3://<ArtifactsBucket>/base-models/<name>/`; `toy-world` (the toy world's fitted
+base, `loraflow_diffusion.toy_world`) is the default.
 
 Built in a child process so torch never loads into the local cloud's own process.
 """
@@ -17,7 +18,7 @@ from loraflow_local.s3_util import split_s3_uri
 LOG = logging.getLogger(__name__)
 
 BASE_MODELS_PREFIX = "base-models/"
-DEFAULT_TINY_MODEL = "tiny-sd"  # loraflow_diffusion.tiny_models.DEFAULT_TINY_MODEL (torch-free here)
+DEFAULT_TINY_MODEL = "toy-world"  # loraflow_diffusion.tiny_models.DEFAULT_TINY_MODEL (torch-free here)
 _BUILD_SCRIPT = (
     "import sys, pathlib; from loraflow_diffusion.tiny_models import build_tiny_models; "
     "build_tiny_models(pathlib.Path(sys.argv[1]))"

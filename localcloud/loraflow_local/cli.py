@@ -5,6 +5,7 @@ loraflow local up --state-dir DIR [--fresh] [--aws-port N] [--api-port N] [--set
 loraflow validate PATH          # a dataset folder on disk, with the same rules as an upload
 loraflow demo [--output DIR]    # the whole pipeline on a generated dataset
 loraflow models (--stack NAME | --state-dir DIR) list | pull MODEL | delete MODEL[@COMMIT]
+loraflow train | jobs | show | cancel | retry | download | doctor | use   # see client_commands
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loraflow_local.client_commands import COMMANDS as CLIENT_COMMANDS
+from loraflow_local.client_commands import add_client_parsers, run_client_command
 from loraflow_local.intrinsics import TemplateError
+from loraflow_local.local_validation import print_report, validate_folder
 from loraflow_local.models_cli import add_models_parser, run_models
 from loraflow_local.persistence import DEFAULT_SAVE_INTERVAL_S, PortInUseError
 
@@ -38,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _validate(Path(args.path))
     if args.command == "models":
         return run_models(args)
+    if args.command in CLIENT_COMMANDS:
+        return run_client_command(args)
     from loraflow_local.demo import run_demo  # imported late: it pulls in the whole local cloud
 
     return run_demo(Path(args.output), Path(args.state_dir) if args.state_dir else None)
@@ -93,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the local cloud's files here (each demo starts empty; default: a temporary folder)",
     )
     add_models_parser(commands)
+    add_client_parsers(commands)
     return parser
 
 
@@ -159,27 +166,11 @@ def _key_value(item: str) -> tuple[str, str]:
 
 
 def _validate(path: Path) -> int:
-    from loraflow_shared.dataset.local import list_local_objects, local_directory_reader
-    from loraflow_shared.dataset.validate import validate_dataset
-
-    folder = path.resolve()
-    if not folder.is_dir():
+    if not path.is_dir():
         print(f"loraflow: {path} is not a folder", file=sys.stderr)
         return 2
-    report = validate_dataset(
-        folder.name, list_local_objects(folder.parent, folder.name), local_directory_reader(folder.parent)
-    )
-    for label, problems in (("error", report.errors), ("warning", report.warnings)):
-        for problem in problems:
-            print(f"{label:7} {problem.code.value:20} {problem.path or '.'}: {problem.message}")
-    subsets = (
-        ", ".join(f"{s.folder} ({s.image_count} images x {s.repeats})" for s in report.subsets) or "none"
-    )
-    verdict = "accepted" if report.accepted else "rejected"
-    print(
-        f"{report.dataset}: {verdict}; {report.image_count} images; subsets: {subsets}; "
-        f"config: {report.config_file or 'none'}"
-    )
+    report = validate_folder(path)
+    print_report(report)
     return 0 if report.accepted else 1
 
 

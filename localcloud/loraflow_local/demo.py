@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from loraflow_local.client import TERMINAL_STATUSES, StackClient
+from loraflow_local.job_files import CONTACT_SHEET_NAME, save_job_files
 from loraflow_local.sample_dataset import SAMPLE_DATASET_ID, write_sample_dataset
 
 JOB_TIMEOUT_S = 600.0
@@ -42,7 +41,7 @@ def run_demo(output: Path, state_dir: Path | None = None) -> int:
             if status != 200:
                 print(f"GET /jobs/{notification['job_id']} answered {status}: {job}")
                 return 1
-            _save_outputs(client, job, output)
+            save_job_files(job, output)
             _print_summary(job, output, time.monotonic() - started)
             return 0 if job["status"] == "COMPLETED" else 1
     finally:
@@ -61,19 +60,6 @@ def _wait_for_terminal(client: StackClient, queue_url: str) -> dict[str, Any] | 
     return None
 
 
-def _save_outputs(client: StackClient, job: dict[str, Any], output: Path) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "job.json").write_text(json.dumps(job, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    artifacts = job.get("artifacts") or {}
-    if artifacts.get("lora_diffusers_url"):
-        client.download(artifacts["lora_diffusers_url"], output / "pytorch_lora_weights.safetensors")
-    if artifacts.get("lora_kohya_url"):  # `<output_name>.safetensors`, for A1111/ComfyUI
-        kohya_name = PurePosixPath(urlparse(artifacts["lora_kohya_url"]).path).name
-        client.download(artifacts["lora_kohya_url"], output / kohya_name)
-    for index, preview in enumerate(job.get("previews") or []):
-        client.download(preview["url"], output / "previews" / f"{index:02d}.png")
-
-
 def _print_summary(job: dict[str, Any], output: Path, seconds: float) -> None:
     training = job.get("training") or {}
     print(f"job {job['job_id']} for dataset {job['dataset']}: {job['status']} in {seconds:.1f}s")
@@ -87,3 +73,6 @@ def _print_summary(job: dict[str, Any], output: Path, seconds: float) -> None:
     for problem in job.get("warnings") or []:
         print(f"  warning {problem['code']} {problem['path']}: {problem['message']}")
     print(f"  previews: {len(job.get('previews') or [])}; outputs in {output}/")
+    if job.get("contact_sheet_url"):
+        sheet = output / CONTACT_SHEET_NAME
+        print(f"  contact sheet (base model | with the LoRA, a row per prompt): {sheet}")

@@ -12,7 +12,12 @@ from typing import Any
 
 import pytest
 from loraflow_local.client import TERMINAL_STATUSES, StackClient
-from loraflow_local.sample_dataset import CONFIG_NAME, SAMPLE_DATASET_ID, write_sample_dataset
+from loraflow_local.sample_dataset import (
+    CONFIG_NAME,
+    PREVIEW_PROMPTS,
+    SAMPLE_DATASET_ID,
+    write_sample_dataset,
+)
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -21,19 +26,20 @@ pytestmark = pytest.mark.integration
 
 BAD_DATASET_ID = "0002-broken"
 NO_MODEL_DATASET_ID = "0003-unloadable-model"
+QUICK = {"max_train_steps": 30, "preview_steps": 4}  # a job that runs, not one that learns
 
 
 def _write_broken_dataset(root: Path) -> Path:
-    dataset = write_sample_dataset(root / "broken-src")
+    dataset = write_sample_dataset(root / "broken-src", **QUICK)
     (dataset / "10_dwjz").rename(dataset / "ten_dwjz")  # BAD_FOLDER_NAME
-    truncated = dataset / "5_zqxj dog" / "img01.jpg"
+    truncated = dataset / "5_zqxj square" / "img01.jpg"
     truncated.write_bytes(truncated.read_bytes()[:-200])  # UNREADABLE_IMAGE (no EOI)
-    (dataset / "5_zqxj dog" / "notes.gif").write_bytes(b"GIF89a" + b"\0" * 64)  # not an image we take
+    (dataset / "5_zqxj square" / "notes.gif").write_bytes(b"GIF89a" + b"\0" * 64)  # not an image we take
     return dataset
 
 
 def _write_unloadable_model_dataset(root: Path) -> Path:
-    dataset = write_sample_dataset(root / "nomodel-src")
+    dataset = write_sample_dataset(root / "nomodel-src", **QUICK)
     config = dataset / CONFIG_NAME
     config.write_text(
         'pretrained_model_name_or_path = "no-such-org/no-such-model"\n' + config.read_text(), encoding="utf-8"
@@ -51,7 +57,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         client = StackClient(cloud.endpoints)
         queue_url = client.subscribe_notifications("e2e-notifications")
         uploads = {
-            SAMPLE_DATASET_ID: write_sample_dataset(root / "good-src"),
+            SAMPLE_DATASET_ID: write_sample_dataset(root / "good-src", **QUICK),
             BAD_DATASET_ID: _write_broken_dataset(root),
             NO_MODEL_DATASET_ID: _write_unloadable_model_dataset(root),
         }
@@ -99,12 +105,14 @@ def test_given_good_dataset_when_uploaded_then_job_completes_with_lora_and_previ
         assert handle.metadata()["ss_output_name"] == "demo-lora"
         kohya_keys = handle.keys()  # a safe_open handle is not a dict: keys() is its API
         assert any(key.startswith("lora_unet_") and key.endswith(".alpha") for key in kohya_keys)
-    assert len(job["previews"]) >= 2
+    assert [preview["prompt"] for preview in job["previews"]] == list(PREVIEW_PROMPTS)
     for preview in job["previews"]:
-        png = outcomes["client"].download(preview["url"], outcomes["tmp"] / "preview.png")
-        image = Image.open(io.BytesIO(png.read_bytes()))
-        assert (image.format, image.size) == ("PNG", (64, 64))
-        assert "dwjz" in preview["prompt"] or "zqxj" in preview["prompt"]
+        for url in (preview["url"], preview["base_url"]):
+            png = outcomes["client"].download(url, outcomes["tmp"] / "preview.png")
+            image = Image.open(io.BytesIO(png.read_bytes()))
+            assert (image.format, image.size) == ("PNG", (64, 64))
+    sheet = outcomes["client"].download(job["contact_sheet_url"], outcomes["tmp"] / "sheet.png")
+    assert Image.open(sheet).size[1] > 256 * len(PREVIEW_PROMPTS)  # a row per prompt
 
 
 def test_given_good_dataset_when_it_completes_then_one_notification_per_job_in_order(outcomes):
@@ -125,8 +133,8 @@ def test_given_broken_dataset_when_uploaded_then_rejected_with_every_problem(out
     job = outcomes["jobs"][BAD_DATASET_ID]
     problems = {(p["code"], p["path"]) for p in job["errors"]}
     assert ("BAD_FOLDER_NAME", "ten_dwjz") in problems
-    assert ("UNREADABLE_IMAGE", "5_zqxj dog/img01.jpg") in problems
-    assert ("UNSUPPORTED_FORMAT", "5_zqxj dog/notes.gif") in problems  # never silently dropped
+    assert ("UNREADABLE_IMAGE", "5_zqxj square/img01.jpg") in problems
+    assert ("UNSUPPORTED_FORMAT", "5_zqxj square/notes.gif") in problems  # never silently dropped
     assert job.get("training") in (None, {})
 
 

@@ -29,7 +29,7 @@ class Session:
         self._seen: list[dict[str, Any]] = []
 
     def upload(self, dataset_id: str, mutate: Callable[[Path], None] | None = None) -> Path:
-        folder = write_sample_dataset(self.root / dataset_id)
+        folder = write_sample_dataset(self.root / dataset_id, max_train_steps=30, preview_steps=4)
         if mutate is not None:
             mutate(folder)
         self.client.upload_dataset(folder, dataset_id)

@@ -41,10 +41,10 @@ def test_given_job_training_when_cloud_restarts_then_it_resumes_from_its_checkpo
     from loraflow_local.cloud import LocalCloud
 
     monkeypatch.setenv("LORAFLOW_PROGRESS_INTERVAL_S", "1")  # the trainer reports often: we wait for it
-    dataset = write_sample_dataset(tmp_path / "src")
+    dataset = write_sample_dataset(tmp_path / "src", max_train_steps=150, preview_steps=4)
     config = dataset / CONFIG_NAME
     text = config.read_text().replace(
-        "max_train_steps = 30", "max_train_steps = 150\nsave_every_n_steps = 10"
+        "max_train_steps = 150", "max_train_steps = 150\nsave_every_n_steps = 10"
     )
     config.write_text(text)
     state = tmp_path / "state"

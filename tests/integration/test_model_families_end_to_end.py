@@ -40,11 +40,10 @@ KOHYA_FACTS = {
 
 
 def _dataset_for(root: Path, dataset_id: str, model_uri: str, steps: int = 30) -> Path:
-    dataset = write_sample_dataset(root / dataset_id)
+    dataset = write_sample_dataset(root / dataset_id, max_train_steps=steps, preview_steps=4)
     config = dataset / CONFIG_NAME
     lines = [f'pretrained_model_name_or_path = "{model_uri}"', "t5xxl_max_token_length = 32"]
-    text = config.read_text().replace("max_train_steps = 30", f"max_train_steps = {steps}")
-    config.write_text("\n".join(lines) + "\n" + text, encoding="utf-8")
+    config.write_text("\n".join(lines) + "\n" + config.read_text(), encoding="utf-8")
     return dataset
 
 

@@ -40,7 +40,7 @@ def build_tiny_sd(path: Path, seed: int = 0, words: Sequence[str] = ()) -> Path:
     """
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
         torch.manual_seed(seed)
-        tokenizer = _tiny_clip_tokenizer(words)
+        tokenizer = tiny_clip_tokenizer(words)
         pipe = StableDiffusionPipeline(
             vae=_tiny_vae(),
             text_encoder=_tiny_text_encoder(vocab_size=len(tokenizer)),
@@ -67,15 +67,15 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
     """Write a tiny diffusers SDXL pipeline to `path` (same seed, same weights) and return `path`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tokenizer = _tiny_clip_tokenizer()
+        tokenizer = tiny_clip_tokenizer()
         pipe = StableDiffusionXLPipeline(
             vae=_tiny_vae(),
             text_encoder=_tiny_text_encoder(vocab_size=len(tokenizer)),
             text_encoder_2=CLIPTextModelWithProjection(
-                _text_encoder_config(len(tokenizer), hidden_size=_SDXL_TEXT_2_HIDDEN)
+                clip_text_config(len(tokenizer), hidden_size=_SDXL_TEXT_2_HIDDEN)
             ),
             tokenizer=tokenizer,
-            tokenizer_2=_tiny_clip_tokenizer(),
+            tokenizer_2=tiny_clip_tokenizer(),
             unet=_tiny_sdxl_unet(),
             scheduler=EulerDiscreteScheduler(
                 beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
@@ -134,14 +134,16 @@ def _tiny_vae() -> AutoencoderKL:
 
 
 def _tiny_text_encoder(vocab_size: int) -> CLIPTextModel:
-    return CLIPTextModel(_text_encoder_config(vocab_size))
+    return CLIPTextModel(clip_text_config(vocab_size))
 
 
-def _text_encoder_config(vocab_size: int, hidden_size: int = _TEXT_HIDDEN) -> CLIPTextConfig:
+def clip_text_config(
+    vocab_size: int, hidden_size: int = _TEXT_HIDDEN, intermediate_size: int = 37
+) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=37,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=MAX_TOKENS,
@@ -152,7 +154,7 @@ def _text_encoder_config(vocab_size: int, hidden_size: int = _TEXT_HIDDEN) -> CL
     )
 
 
-def _tiny_clip_tokenizer(words: Sequence[str] = ()) -> CLIPTokenizer:
+def tiny_clip_tokenizer(words: Sequence[str] = ()) -> CLIPTokenizer:
     """CLIP's byte-level BPE: every byte is a token, so any text encodes without <unk>, plus merges that
     join each of `words` (lower-case ASCII) into one token."""
     alphabet = _byte_alphabet()

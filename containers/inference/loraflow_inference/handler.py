@@ -1,4 +1,5 @@
-"""Render a job's previews: base pipeline (cached) + the job's LoRA, one PNG per prompt, to S3.
+"""Render a job's previews: each prompt by the base pipeline (cached) alone and with the job's LoRA, same
+seed, one PNG each, plus a contact sheet of the pairs, to S3.
 
 No HTTP here: `server.py` wraps this for SageMaker. One render at a time per process: a pipeline
 with a LoRA applied is shared state, and the LoRA is always unloaded before the next job.
@@ -20,11 +21,19 @@ from loraflow_diffusion import s3_transfer
 from loraflow_diffusion.device import pick_device, pick_dtype
 from loraflow_diffusion.families import SupportedPipeline, family_of
 from loraflow_diffusion.models import load_pipeline
-from loraflow_shared.contracts import PreviewRequest, PreviewResponse, PreviewResult
+from loraflow_shared.contracts import (
+    CONTACT_SHEET_FILE,
+    PreviewRequest,
+    PreviewResponse,
+    PreviewResult,
+    base_preview_file,
+    preview_file,
+)
 from loraflow_shared.errors import ErrorCode, LoraflowError
 from PIL import Image
 
 from loraflow_inference.cancellation import CancellationCheck, RenderCancelled
+from loraflow_inference.contact_sheet import contact_sheet
 from loraflow_inference.settings import InferenceSettings
 
 ADAPTER_NAME = "job_lora"
@@ -57,14 +66,18 @@ class PreviewRenderer:
             pipe = self.pipeline(request.base_model)
             with tempfile.TemporaryDirectory(prefix="loraflow-lora-") as folder:
                 lora_file = _download_lora(request.lora_s3_uri, Path(folder))
+                base_images = _render_request(pipe, request, cancellation)  # before the LoRA is loaded
                 images = self._render_with_lora(pipe, lora_file, request, cancellation)
         prefix = request.output_s3_prefix.rstrip("/") + "/"  # `.../previews` and `.../previews/` alike
         previews = []
-        for index, (prompt, image) in enumerate(zip(request.prompts, images, strict=True)):
-            uri = f"{prefix}{index}.png"
+        for index, (prompt, base, image) in enumerate(zip(request.prompts, base_images, images, strict=True)):
+            uri, base_uri = prefix + preview_file(index), prefix + base_preview_file(index)
             _upload_png(image, uri)
-            previews.append(PreviewResult(prompt=prompt, s3_uri=uri))
-        return PreviewResponse(job_id=request.job_id, previews=previews)
+            _upload_png(base, base_uri)
+            previews.append(PreviewResult(prompt=prompt, s3_uri=uri, base_s3_uri=base_uri))
+        sheet_uri = prefix + CONTACT_SHEET_FILE
+        _upload_png(contact_sheet(list(zip(request.prompts, base_images, images, strict=True))), sheet_uri)
+        return PreviewResponse(job_id=request.job_id, previews=previews, contact_sheet_s3_uri=sheet_uri)
 
     def pipeline(self, ref: str) -> SupportedPipeline:
         """The cached pipeline for `ref`, loading it (after evicting the least recently used) if needed.
@@ -106,15 +119,7 @@ class PreviewRenderer:
             except Exception as exc:
                 what = f"LoRA {request.lora_s3_uri} does not fit base model {request.base_model!r}"
                 raise _preview_failed(what, exc) from exc
-            return render_prompts(
-                pipe,
-                request.prompts,
-                request.steps,
-                request.resolution,
-                request.seed,
-                request.clip_skip,
-                cancellation,
-            )
+            return _render_request(pipe, request, cancellation)
         finally:
             self._unload_lora(pipe, request.base_model)
 
@@ -125,6 +130,20 @@ class PreviewRenderer:
             # A pipeline in an unknown state must not serve the next job.
             logger.exception("unloading the LoRA failed: dropping pipeline %r", ref)
             self._evict(ref)
+
+
+def _render_request(
+    pipe: SupportedPipeline, request: PreviewRequest, cancellation: CancellationCheck | None
+) -> list[Image.Image]:
+    return render_prompts(
+        pipe,
+        request.prompts,
+        request.steps,
+        request.resolution,
+        request.seed,
+        request.clip_skip,
+        cancellation,
+    )
 
 
 def render_prompts(

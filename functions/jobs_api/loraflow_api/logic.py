@@ -12,7 +12,7 @@ from loraflow_shared.families import ComputeClass
 from loraflow_shared.jobs.control import JobControl, cancelled_by_user
 from loraflow_shared.jobs.cost import total_cost
 from loraflow_shared.jobs.errors import JobNotFound
-from loraflow_shared.jobs.model import Attempt, Cost, Job, JobStatus, TrainingSummary, is_job_id
+from loraflow_shared.jobs.model import Attempt, Cost, Job, JobStatus, Preview, TrainingSummary, is_job_id
 from loraflow_shared.jobs.repository import JobRepository
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -55,7 +55,8 @@ class ProgressView(_View):
 
 class PreviewLink(_View):
     prompt: str
-    url: str
+    url: str  # with the LoRA
+    base_url: str | None  # the base model alone, same seed; None for jobs rendered before it
 
 
 class JobView(_View):
@@ -76,6 +77,7 @@ class JobView(_View):
     training: TrainingSummary | None
     artifacts: ArtifactLinks | None
     previews: list[PreviewLink]
+    contact_sheet_url: str | None  # one PNG: a row per prompt, base | LoRA
     # Only in `GET /jobs/{job_id}` while TRAINING, once the trainer reported a step; else None.
     progress: ProgressView | None
     attempt: int
@@ -107,7 +109,7 @@ def job_view(job: Job, signer: UrlSigner, progress: ProgressView | None = None) 
         artifacts = ArtifactLinks(
             lora_diffusers_url=signer.presign(job.artifacts.lora_diffusers_s3_uri),
             training_report_url=signer.presign(job.artifacts.training_report_s3_uri),
-            lora_kohya_url=signer.presign(kohya_uri) if kohya_uri is not None else None,
+            lora_kohya_url=_presign_optional(kohya_uri, signer),
         )
     return JobView(
         job_id=job.job_id,
@@ -123,13 +125,26 @@ def job_view(job: Job, signer: UrlSigner, progress: ProgressView | None = None) 
         compute=job.compute,
         training=job.training,
         artifacts=artifacts,
-        previews=[PreviewLink(prompt=p.prompt, url=signer.presign(p.s3_uri)) for p in job.previews],
+        previews=[_preview_link(preview, signer) for preview in job.previews],
+        contact_sheet_url=_presign_optional(job.contact_sheet_s3_uri, signer),
         progress=progress,
         attempt=job.attempt,
         attempts=job.attempts,
         cost=job.cost,
         total_estimated_usd=total_cost([attempt.cost for attempt in job.attempts] or [job.cost]),
     )
+
+
+def _preview_link(preview: Preview, signer: UrlSigner) -> PreviewLink:
+    return PreviewLink(
+        prompt=preview.prompt,
+        url=signer.presign(preview.s3_uri),
+        base_url=_presign_optional(preview.base_s3_uri, signer),
+    )
+
+
+def _presign_optional(uri: str | None, signer: UrlSigner) -> str | None:
+    return signer.presign(uri) if uri is not None else None
 
 
 def parse_progress(job_id: str, raw: bytes) -> ProgressView | None:

@@ -302,12 +302,17 @@ class PipelineTasks:
                 raise LoraflowError(
                     ErrorCode.PREVIEW_FAILED, f"preview response is for job {action.previews.job_id}"
                 )
-            previews = [Preview(prompt=p.prompt, s3_uri=p.s3_uri) for p in action.previews.previews]
+            rendered = action.previews
+            previews = [
+                Preview(prompt=p.prompt, s3_uri=p.s3_uri, base_s3_uri=p.base_s3_uri)
+                for p in rendered.previews
+            ]
             job = self._repository.transition(
                 job.job_id,
                 JobStatus.COMPLETED,
                 if_attempt=action.attempt,
                 previews=previews,
+                contact_sheet_s3_uri=rendered.contact_sheet_s3_uri,
                 preview_task_token=None,
                 attempts=job.attempts_ended(JobStatus.COMPLETED, self._repository.now()),
             )

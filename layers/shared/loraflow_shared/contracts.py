@@ -50,7 +50,8 @@ class PreviewRequest(_Strict):
     seed: int = Field(ge=0)
     # kohya's sense (1 = the last CLIP layer); applied to SD 1.x only, as in training.
     clip_skip: int | None = Field(default=None, ge=1)
-    # Where the endpoint writes `<index>.png` (e.g. `s3://artifacts/jobs/<job_id>/previews/`).
+    # Where the endpoint writes its pictures (`preview_file`, `base_preview_file`, `CONTACT_SHEET_FILE`),
+    # e.g. `s3://artifacts/jobs/<job_id>/previews/`.
     output_s3_prefix: S3Uri
     # An object that appears when the job is cancelled: the renderer polls it and stops rendering.
     cancel_s3_uri: S3Uri | None = None
@@ -58,7 +59,8 @@ class PreviewRequest(_Strict):
 
 class PreviewResult(_Strict):
     prompt: str
-    s3_uri: S3Uri
+    s3_uri: S3Uri  # with the LoRA
+    base_s3_uri: S3Uri | None = None  # the base model alone, same seed (None from renderers before it)
 
 
 class PreviewResponse(_Strict):
@@ -66,6 +68,21 @@ class PreviewResponse(_Strict):
 
     job_id: NonEmptyStr
     previews: list[PreviewResult]
+    # One PNG: a row per prompt, the base's picture beside the LoRA's.
+    contact_sheet_s3_uri: S3Uri | None = None
+
+
+CONTACT_SHEET_FILE = "contact-sheet.png"
+
+
+def preview_file(index: int) -> str:
+    """The name of prompt `index`'s picture with the LoRA, under the request's `output_s3_prefix`."""
+    return f"{index}.png"
+
+
+def base_preview_file(index: int) -> str:
+    """The name of prompt `index`'s picture by the base model alone (same seed)."""
+    return f"base-{index}.png"
 
 
 class TrainingReport(BaseModel):

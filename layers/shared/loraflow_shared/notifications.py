@@ -24,8 +24,8 @@ def terminal_notification(job: Job) -> tuple[str, str, dict[str, Any]]:
     """`(subject, message_json, message_attributes)` for a job in a terminal status.
 
     The body carries what a subscriber needs without a second call: the API path, the reason of a
-    failure or cancellation, and on COMPLETED the S3 URIs of the LoRA files, report and previews, plus
-    the training cost. Subscribers can filter on the `status` message attribute.
+    failure or cancellation, and on COMPLETED the S3 URIs of the LoRA files, report, previews (base and
+    LoRA) and contact sheet, plus the training cost. Subscribers can filter on the `status` message attribute.
     """
     if not job.is_terminal:
         raise ValueError(f"job {job.job_id} is {job.status.value}, not terminal: nothing to announce")
@@ -46,6 +46,8 @@ def terminal_notification(job: Job) -> tuple[str, str, dict[str, Any]]:
         body["artifacts"] = job.artifacts.model_dump(mode="json")
     if job.previews:
         body["previews"] = [preview.model_dump(mode="json") for preview in job.previews]
+    if job.contact_sheet_s3_uri is not None:
+        body["contact_sheet_s3_uri"] = job.contact_sheet_s3_uri
     # SNS subjects must be ASCII without line breaks.
     subject = f"loraflow {job.status.value}: {job.dataset}".encode("ascii", "replace").decode()
     subject = " ".join(subject.split())[:_SUBJECT_LIMIT]

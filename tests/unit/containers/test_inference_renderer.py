@@ -10,8 +10,9 @@ import torch
 from diffusion_kit import TrainingRun
 from loraflow_diffusion.families import SupportedPipeline
 from loraflow_diffusion.models import load_pipeline
+from loraflow_inference.contact_sheet import CELL, HEADER, LABEL_WIDTH, PAD, fit_cell
 from loraflow_inference.handler import PreviewRenderer, render_prompts
-from loraflow_shared.contracts import PreviewRequest
+from loraflow_shared.contracts import CONTACT_SHEET_FILE, PreviewRequest
 from loraflow_shared.errors import ErrorCode, LoraflowError
 from PIL import Image
 
@@ -94,6 +95,35 @@ def test_given_lora_when_rendered_then_it_changes_the_picture_and_is_unloaded_af
     assert np.abs(np.asarray(with_lora, float) - np.asarray(before, float)).max() > 0
     assert np.array_equal(np.asarray(after), np.asarray(before))
     assert not pipe.get_list_adapters()
+
+
+def test_given_lora_when_rendered_then_base_pictures_are_the_base_alone_and_the_sheet_holds_both(
+    renderer: PreviewRenderer, uploaded_lora: str, tiny_model: Path
+) -> None:
+    request = _request(str(tiny_model), prompts=PROMPTS[:2])
+    pipe = renderer.pipeline(request.base_model)
+    base_alone = render_prompts(pipe, request.prompts, request.steps, request.resolution, request.seed)
+
+    response = renderer.render(request)
+
+    assert [p.base_s3_uri for p in response.previews] == [
+        f"s3://{BUCKET}/jobs/job-1/previews/base-{index}.png" for index in range(2)
+    ]
+    for preview, expected in zip(response.previews, base_alone, strict=True):
+        assert preview.base_s3_uri is not None
+        assert np.array_equal(np.asarray(_download_png(preview.base_s3_uri)), np.asarray(expected))
+    assert response.contact_sheet_s3_uri == f"s3://{BUCKET}/jobs/job-1/previews/{CONTACT_SHEET_FILE}"
+    sheet = np.asarray(_download_png(response.contact_sheet_s3_uri))
+    for row, preview in enumerate(response.previews):
+        assert preview.base_s3_uri is not None
+        for column, uri in enumerate((preview.base_s3_uri, preview.s3_uri)):
+            cell = sheet_cell(sheet, row, column)
+            assert np.array_equal(cell, np.asarray(fit_cell(_download_png(uri))))
+
+
+def sheet_cell(sheet: np.ndarray, row: int, column: int) -> np.ndarray:
+    top, left = HEADER + row * (CELL + PAD) + PAD, LABEL_WIDTH + PAD + column * (CELL + PAD)
+    return sheet[top : top + CELL, left : left + CELL]
 
 
 def test_given_missing_lora_when_rendered_then_preview_failed(

@@ -59,15 +59,20 @@ def test_given_valid_request_when_invoked_then_200_with_preview_uris(
     response = client.post("/invocations", data=json.dumps(_body(str(tiny_model))))
 
     assert response.status_code == 200, response.get_json()
-    previews = response.get_json()["previews"]
-    assert [p["s3_uri"] for p in previews] == [
-        f"s3://{BUCKET}/jobs/job-9/previews/0.png",
-        f"s3://{BUCKET}/jobs/job-9/previews/1.png",
+    body = response.get_json()
+    prefix = f"s3://{BUCKET}/jobs/job-9/previews/"
+    assert [(p["s3_uri"], p["base_s3_uri"]) for p in body["previews"]] == [
+        (f"{prefix}0.png", f"{prefix}base-0.png"),
+        (f"{prefix}1.png", f"{prefix}base-1.png"),
     ]
+    assert body["contact_sheet_s3_uri"] == f"{prefix}contact-sheet.png"
     listed = s3.list_objects_v2(Bucket=BUCKET, Prefix="jobs/job-9/previews/")["Contents"]
     assert sorted(item["Key"] for item in listed) == [
         "jobs/job-9/previews/0.png",
         "jobs/job-9/previews/1.png",
+        "jobs/job-9/previews/base-0.png",
+        "jobs/job-9/previews/base-1.png",
+        "jobs/job-9/previews/contact-sheet.png",
     ]
 
 

@@ -11,6 +11,7 @@ from loraflow_shared.dataset.preview_budget import (
     MAX_RENDER_SECONDS,
     MODEL_LOAD_ALLOWANCE_S,
     PREVIEW_INVOCATION_TIMEOUT_S,
+    RENDERS_PER_PROMPT,
     SECONDS_PER_MEGAPIXEL_STEP,
     estimated_render_seconds,
     job_preview_prompts,
@@ -39,14 +40,16 @@ def previews(steps: int, resolution: int, prompts: int | None = MAX_PREVIEW_PROM
 
 def most_steps(prompts: int, side: int) -> int:
     """The most steps the budget allows for `prompts` square previews of `side` px."""
-    return math.floor(MAX_RENDER_SECONDS / (prompts * side * side / 1e6 * SECONDS_PER_MEGAPIXEL_STEP))
+    per_step = prompts * RENDERS_PER_PROMPT * side * side / 1e6 * SECONDS_PER_MEGAPIXEL_STEP
+    return math.floor(MAX_RENDER_SECONDS / per_step)
 
 
 def test_given_constants_when_read_then_limit_is_the_invocation_less_the_model_load_within_aws_max() -> None:
     assert PREVIEW_INVOCATION_TIMEOUT_S <= AWS_MAX_INVOCATION_TIMEOUT_S
     assert MAX_RENDER_SECONDS == PREVIEW_INVOCATION_TIMEOUT_S - MODEL_LOAD_ALLOWANCE_S == 1200
-    assert estimated_render_seconds(1, 1, 1000, 1000) == SECONDS_PER_MEGAPIXEL_STEP == 1.0
-    assert estimated_render_seconds(8, 20, 512, 512) == 8 * 20 * 0.262144
+    assert RENDERS_PER_PROMPT == 2  # the base model alone and with the LoRA, same seed
+    assert estimated_render_seconds(1, 1, 1000, 1000) == 2 * SECONDS_PER_MEGAPIXEL_STEP == 2.0
+    assert estimated_render_seconds(8, 20, 512, 512) == 8 * 2 * 20 * 0.262144
 
 
 def test_given_default_previews_when_estimated_then_far_inside_the_budget() -> None:
@@ -54,13 +57,13 @@ def test_given_default_previews_when_estimated_then_far_inside_the_budget() -> N
 
     estimate = estimated_render_seconds(MAX_PREVIEW_PROMPTS, config.loraflow.preview_steps, 512, 512)
 
-    assert estimate < MAX_RENDER_SECONDS / 20
+    assert estimate < MAX_RENDER_SECONDS / 10
     assert validate("").accepted
 
 
 def test_given_largest_combination_within_budget_when_validated_then_accepted() -> None:
     steps = most_steps(MAX_PREVIEW_PROMPTS, 1024)
-    assert steps == 143  # 8 prompts x 143 steps x 1.05 MP = 1199.6 s: a real edge, below the 150-step cap
+    assert steps == 71  # 8 prompts x 2 renders x 71 steps x 1.05 MP = 1191 s: a real edge
 
     report = validate(previews(steps, 1024))
 
@@ -76,14 +79,15 @@ def test_given_one_step_above_budget_when_validated_then_one_invalid_config_with
 
     assert [(p.code, p.path) for p in report.errors] == [(ErrorCode.INVALID_CONFIG, "config.toml")]
     assert report.errors[0].message == (
-        f"[loraflow] previews: 8 preview prompts x {steps} steps at 1024x1024 are estimated at 1208 s of "
-        "rendering, the limit is 1200 s (one 1800 s endpoint invocation less 600 s to load the model): "
+        f"[loraflow] previews: 8 preview prompts x 2 pictures (base model, LoRA) x {steps} steps at "
+        "1024x1024 are estimated at 1208 s of rendering, the limit is 1200 s (one 1800 s endpoint "
+        "invocation less 600 s to load the model): "
         "reduce preview_steps, preview_resolution or the number of preview_prompts"
     )
 
 
 def test_given_largest_side_when_validated_then_budget_bounds_prompts_times_steps() -> None:
-    steps = most_steps(1, 2048)  # 4.19 MP per step: 286 steps for one prompt
+    steps = most_steps(1, 2048)  # 4.19 MP per step, 2 pictures: 143 steps for one prompt
 
     assert validate(previews(min(steps, 150), 2048, prompts=1)).accepted
     assert validate(previews(steps // 2, 2048, prompts=2)).accepted
@@ -91,18 +95,21 @@ def test_given_largest_side_when_validated_then_budget_bounds_prompts_times_step
 
 
 def test_given_no_preview_prompts_when_validated_then_the_default_prompts_of_the_subsets_count() -> None:
-    config = previews(150, 1024, prompts=None)  # 150 steps x 1.05 MP: 157 s per prompt
+    config = previews(75, 1024, prompts=None)  # 2 pictures x 75 steps x 1.05 MP: 157 s per prompt
 
     one_subset = validate(config, ("60_dwjz",))  # 4 default prompts: 629 s
     two_subsets = validate(config, ("60_dwjz", "20_zqxj dog"))  # 8 default prompts: 1258 s
 
     assert one_subset.accepted, one_subset.errors
     assert [p.code for p in two_subsets.errors] == [ErrorCode.INVALID_CONFIG]
-    assert "8 default preview prompts (from the subsets) x 150 steps" in two_subsets.errors[0].message
+    assert (
+        "8 default preview prompts (from the subsets) x 2 pictures (base model, LoRA) x 75 steps"
+        in two_subsets.errors[0].message
+    )
 
 
 def test_given_reg_subsets_when_validated_then_they_add_no_default_prompts() -> None:
-    config = previews(150, 1024, prompts=None)
+    config = previews(75, 1024, prompts=None)
 
     report = validate(config, ("60_dwjz", "reg/1_person", "reg/1_man"))
 
@@ -113,8 +120,8 @@ def test_given_no_preview_resolution_when_validated_then_estimated_at_the_shorte
     base = 'resolution = "1536,1024"\n[loraflow]\n'
     prompts = 'preview_prompts = ["a", "b", "c", "d", "e", "f", "g", "h"]\n'
 
-    assert validate(base + prompts + "preview_steps = 143\n").accepted
-    assert not validate(base + prompts + "preview_steps = 144\n").accepted
+    assert validate(base + prompts + "preview_steps = 71\n").accepted
+    assert not validate(base + prompts + "preview_steps = 72\n").accepted
 
 
 def test_given_accepted_report_when_ingest_fixes_previews_then_same_prompts_and_side_as_the_budget() -> None:

@@ -83,7 +83,14 @@ def completed_job(repository: JobRepository) -> Job:
         job_id,
         JobStatus.COMPLETED,
         preview_task_token=None,
-        previews=[Preview(prompt="zqxj dog", s3_uri=f"s3://{ARTIFACTS_BUCKET}/jobs/{job_id}/previews/0.png")],
+        previews=[
+            Preview(
+                prompt="zqxj dog",
+                s3_uri=f"s3://{ARTIFACTS_BUCKET}/jobs/{job_id}/previews/0.png",
+                base_s3_uri=f"s3://{ARTIFACTS_BUCKET}/jobs/{job_id}/previews/base-0.png",
+            )
+        ],
+        contact_sheet_s3_uri=f"s3://{ARTIFACTS_BUCKET}/jobs/{job_id}/previews/contact-sheet.png",
     )
 
 
@@ -115,6 +122,9 @@ def test_given_completed_job_when_fetched_then_view_with_presigned_urls_and_no_i
     [preview] = body["previews"]
     assert preview["prompt"] == "zqxj dog"
     assert urlparse(preview["url"]).path.endswith("/previews/0.png")
+    assert urlparse(preview["base_url"]).path.endswith("/previews/base-0.png")
+    assert urlparse(body["contact_sheet_url"]).path.endswith("/previews/contact-sheet.png")
+    assert parse_qs(urlparse(body["contact_sheet_url"]).query)["X-Amz-Expires"] == ["600"]
     assert not {"preview_task_token", "notified_at", "fingerprint"} & body.keys()
     assert "secret-token" not in json.dumps(body)
 

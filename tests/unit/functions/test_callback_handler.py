@@ -28,7 +28,14 @@ from moto import mock_aws
 JOB_ID = "4f1c2a9e0b7d3c5a6e8f1029"
 RESPONSE = {
     "job_id": JOB_ID,
-    "previews": [{"prompt": "zqxj dog", "s3_uri": f"s3://{ARTIFACTS_BUCKET}/p/0.png"}],
+    "previews": [
+        {
+            "prompt": "zqxj dog",
+            "s3_uri": f"s3://{ARTIFACTS_BUCKET}/p/0.png",
+            "base_s3_uri": f"s3://{ARTIFACTS_BUCKET}/p/base-0.png",
+        }
+    ],
+    "contact_sheet_s3_uri": f"s3://{ARTIFACTS_BUCKET}/p/contact-sheet.png",
 }
 
 

@@ -167,7 +167,14 @@ def test_given_previews_rendered_when_completed_then_completed_and_notified_once
     job_in(repository, JobStatus.GENERATING_PREVIEWS)
     previews = {
         "job_id": JOB_ID,
-        "previews": [{"prompt": "zqxj dog", "s3_uri": "s3://a/jobs/x/previews/0.png"}],
+        "previews": [
+            {
+                "prompt": "zqxj dog",
+                "s3_uri": "s3://a/jobs/x/previews/0.png",
+                "base_s3_uri": "s3://a/jobs/x/previews/base-0.png",
+            }
+        ],
+        "contact_sheet_s3_uri": "s3://a/jobs/x/previews/contact-sheet.png",
     }
     payload = step("complete", previews=previews)
 
@@ -176,7 +183,10 @@ def test_given_previews_rendered_when_completed_then_completed_and_notified_once
 
     job = repository.require(JOB_ID)
     assert job.status is JobStatus.COMPLETED
-    assert [(p.prompt, p.s3_uri) for p in job.previews] == [("zqxj dog", "s3://a/jobs/x/previews/0.png")]
+    assert [(p.prompt, p.s3_uri, p.base_s3_uri) for p in job.previews] == [
+        ("zqxj dog", "s3://a/jobs/x/previews/0.png", "s3://a/jobs/x/previews/base-0.png")
+    ]
+    assert job.contact_sheet_s3_uri == "s3://a/jobs/x/previews/contact-sheet.png"
     assert job.preview_task_token is None
     [envelope] = cloud.notifications()
     assert json.loads(envelope["Message"])["status"] == "COMPLETED"

@@ -30,10 +30,12 @@ ARTIFACTS = Artifacts(
     training_report_s3_uri=f"s3://artifacts/jobs/{JOB_ID}/training_report.json",
     lora_kohya_s3_uri=f"s3://artifacts/jobs/{JOB_ID}/lora/zqxj.safetensors",
 )
+_PREFIX = f"s3://artifacts/jobs/{JOB_ID}/previews/"
 PREVIEWS = [
-    Preview(prompt="a photo of zqxj dog", s3_uri=f"s3://artifacts/jobs/{JOB_ID}/previews/0.png"),
-    Preview(prompt="zqxj dog", s3_uri=f"s3://artifacts/jobs/{JOB_ID}/previews/1.png"),
+    Preview(prompt="a photo of zqxj dog", s3_uri=f"{_PREFIX}0.png", base_s3_uri=f"{_PREFIX}base-0.png"),
+    Preview(prompt="zqxj dog", s3_uri=f"{_PREFIX}1.png", base_s3_uri=f"{_PREFIX}base-1.png"),
 ]
+CONTACT_SHEET = f"{_PREFIX}contact-sheet.png"
 COST = Cost(
     instance_type="ml.g5.2xlarge",
     instance_count=1,
@@ -68,6 +70,7 @@ def _completed() -> Job:
             ),
             "artifacts": ARTIFACTS,
             "previews": PREVIEWS,
+            "contact_sheet_s3_uri": CONTACT_SHEET,
             "cost": COST,
             "preview_task_token": "secret-task-token",
         }
@@ -87,7 +90,10 @@ def test_given_completed_job_when_formatted_then_body_has_api_path_attempt_artif
         "training_report_s3_uri": ARTIFACTS.training_report_s3_uri,
         "lora_kohya_s3_uri": ARTIFACTS.lora_kohya_s3_uri,
     }
-    assert body["previews"] == [{"prompt": p.prompt, "s3_uri": p.s3_uri} for p in PREVIEWS]
+    assert body["previews"] == [
+        {"prompt": p.prompt, "s3_uri": p.s3_uri, "base_s3_uri": p.base_s3_uri} for p in PREVIEWS
+    ]
+    assert body["contact_sheet_s3_uri"] == CONTACT_SHEET
     assert body["preview_count"] == 2
     assert body["cost"] == {
         "instance_type": "ml.g5.2xlarge",

@@ -134,12 +134,14 @@ class ExportFacts:
 
 
 class ModelFamily(ABC):
-    # What the Lambda functions know of the family too (`loraflow_shared.families`): `name` and
-    # `pipeline_class_names` come from it, so a family is named once.
+    # What the Lambda functions know of the family too (`loraflow_shared.families`): `name`,
+    # `pipeline_class_names` and, unless a spec says otherwise, `description` and the config claim come
+    # from it, so a family is named once.
     facts: ClassVar[FamilyFacts]
     name: ClassVar[str]
-    description: ClassVar[str]  # for messages: "an SDXL model"
-    # How a training config names this family: the key and the setting, e.g. "sdxl", "sdxl = true".
+    description: ClassVar[str]  # for messages: "an SDXL model"; default "a <label> model"
+    # How a training config names this family: the key and the setting, e.g. "sdxl", "sdxl = true";
+    # default `model_family = "<name>"`.
     config_key: ClassVar[str]
     config_claim: ClassVar[str]
     pipeline_class: ClassVar[type[SupportedPipeline]]
@@ -151,6 +153,13 @@ class ModelFamily(ABC):
         if "facts" in cls.__dict__:
             cls.name = cls.facts.name
             cls.pipeline_class_names = cls.facts.pipeline_class_names
+            own = cls.__dict__
+            if "description" not in own:
+                cls.description = f"a {cls.facts.label} model"
+            if "config_key" not in own:
+                cls.config_key = "model_family"
+            if "config_claim" not in own:
+                cls.config_claim = f'{cls.config_key} = "{cls.name}"'
 
     # A key only this family's single-file (original layout) checkpoints hold; diffusers' single-file
     # loader (`CHECKPOINT_KEY_NAMES`) tells the families apart by the same keys.

@@ -60,9 +60,6 @@ FLUX1_FOOTPRINT = Footprint(
 
 class Flux1(ModelFamily):
     facts = facts_named("flux1")  # name, pipeline classes, compute: loraflow_shared.families
-    description = "a FLUX.1 model"
-    config_key = "model_family"
-    config_claim = 'model_family = "flux1"'
     pipeline_class = FluxPipeline
     # Per-block modulation: FLUX.2 files also hold `img_attn.qkv` but modulate globally (no `img_mod`).
     loads_single_file = True

@@ -75,9 +75,7 @@ FLUX2_KLEIN_4B_FOOTPRINT = Footprint(
 
 class Flux2Klein(ModelFamily):
     facts = facts_named("flux2_klein")  # name, pipeline classes, compute: loraflow_shared.families
-    description = "a FLUX.2 [klein] model"
-    config_key = "model_family"
-    config_claim = 'model_family = "flux2_klein"'
+    description = "a FLUX.2 [klein] model"  # as Black Forest Labs writes it
     pipeline_class = Flux2KleinPipeline
     # diffusers' single_file_utils CHECKPOINT_KEY_NAMES["flux2"]: the shared single-stream modulation, which
     # FLUX.1 (per-block modulations) has not. (FLUX.2 [dev] files have it too; neither loads from one file.)

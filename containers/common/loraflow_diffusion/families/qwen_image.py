@@ -83,9 +83,6 @@ KOHYA_PREFIX = "lora_unet_"
 
 class QwenImage(ModelFamily):
     facts = facts_named("qwen_image")  # name, pipeline classes, compute: loraflow_shared.families
-    description = "a Qwen-Image model"
-    config_key = "model_family"
-    config_claim = 'model_family = "qwen_image"'
     pipeline_class = QwenImagePipeline
     # diffusers 0.42.1's `CHECKPOINT_KEY_NAMES` has no Qwen-Image entry (its single-file mapping for
     # QwenImageTransformer2DModel is the identity: the original files hold diffusers' names); ComfyUI

@@ -75,9 +75,6 @@ TURBO_SHIFT = 3.0  # Z-Image-Turbo's scheduler shift; Z-Image (base) has 6.0
 
 class ZImage(ModelFamily):
     facts = facts_named("z_image")  # name, pipeline classes, compute: loraflow_shared.families
-    description = "a Z-Image model"
-    config_key = "model_family"
-    config_claim = 'model_family = "z_image"'
     pipeline_class = ZImagePipeline
     # diffusers' single_file_utils CHECKPOINT_KEY_NAMES["z-image-turbo"] (the original and ComfyUI layout; the
     # key is the same in diffusers' transformer files).

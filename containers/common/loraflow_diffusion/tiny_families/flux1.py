@@ -12,7 +12,7 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-from loraflow_diffusion.tiny import _text_encoder_config as clip_config
+from loraflow_diffusion.tiny import clip_text_config as clip_config
 from loraflow_diffusion.tiny_families._parts import FLUX_DYNAMIC_SHIFT, build, check_variant, flux_vae
 from loraflow_diffusion.tiny_families._tokenizers import check_words, clip_tokenizer, t5_tokenizer
 

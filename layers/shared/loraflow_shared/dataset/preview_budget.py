@@ -29,13 +29,16 @@ MAX_RENDER_SECONDS = PREVIEW_INVOCATION_TIMEOUT_S - MODEL_LOAD_ALLOWANCE_S
 # megapixel-step; 1.0 s is a ~2.5x margin, which also covers text encoding, the VAE decode and attention
 # costing more than linearly at large sizes. SD 1.x is several times faster: it is over-estimated.
 SECONDS_PER_MEGAPIXEL_STEP = 1.0
+# Each prompt renders twice with the same seed: by the base model alone and with the LoRA (before/after).
+RENDERS_PER_PROMPT = 2
 _PIXELS_PER_MEGAPIXEL = 1_000_000
 
 
 def estimated_render_seconds(prompts: int, steps: int, width: int, height: int) -> float:
-    """Estimated seconds to render ``prompts`` images of ``width`` x ``height`` with ``steps`` steps each."""
+    """Estimated seconds to render ``prompts`` prompts (base and LoRA pictures) of ``width`` x ``height``
+    with ``steps`` steps each."""
     megapixels = width * height / _PIXELS_PER_MEGAPIXEL
-    return prompts * steps * megapixels * SECONDS_PER_MEGAPIXEL_STEP
+    return prompts * RENDERS_PER_PROMPT * steps * megapixels * SECONDS_PER_MEGAPIXEL_STEP
 
 
 def job_preview_prompts(config: TrainingConfig, subsets: Sequence[Subset]) -> list[str]:
@@ -54,8 +57,9 @@ def preview_budget_problem(config: TrainingConfig, subsets: Sequence[Subset], pa
     chosen = config.loraflow.preview_prompts
     which = "preview prompts" if chosen else "default preview prompts (from the subsets)"
     message = (
-        f"[loraflow] previews: {prompts} {which} x {steps} steps at {side}x{side} are estimated at "
-        f"{estimate:.0f} s of rendering, the limit is {MAX_RENDER_SECONDS} s (one "
+        f"[loraflow] previews: {prompts} {which} x {RENDERS_PER_PROMPT} pictures (base model, LoRA) x "
+        f"{steps} steps at {side}x{side} are estimated at {estimate:.0f} s of rendering, the limit is "
+        f"{MAX_RENDER_SECONDS} s (one "
         f"{PREVIEW_INVOCATION_TIMEOUT_S} s endpoint invocation less {MODEL_LOAD_ALLOWANCE_S} s to load the "
         "model): reduce preview_steps, preview_resolution or the number of preview_prompts"
     )

@@ -196,6 +196,7 @@ class JobControl:
             "training": None,
             "artifacts": None,
             "previews": [],
+            "contact_sheet_s3_uri": None,
             "cost": None,
             "preview_task_token": None,
             "notified_at": None,

@@ -89,7 +89,8 @@ class Artifacts(_Record):
 
 class Preview(_Record):
     prompt: str
-    s3_uri: str
+    s3_uri: str  # with the LoRA
+    base_s3_uri: str | None = None  # the base model alone, same seed (older jobs lack it)
 
 
 class Cost(_Record):
@@ -145,6 +146,7 @@ class Job(_Record):
     training: TrainingSummary | None = None
     artifacts: Artifacts | None = None
     previews: list[Preview] = Field(default_factory=list)
+    contact_sheet_s3_uri: str | None = None  # the previews' base | LoRA sheet, one PNG
     # The attempt now running (or last run); each retry adds one. Older records lack both: attempt 1.
     attempt: int = 1
     attempts: list[Attempt] = Field(default_factory=list)
