@@ -115,9 +115,8 @@ def _train(args: argparse.Namespace, endpoints: Endpoints) -> int:
         f"already there, {len(result.deleted)} removed, to s3://{endpoints.dataset_bucket}/{dataset}/"
     )
     job = _job_for_upload(api, dataset, before, changed=bool(result.uploaded or result.deleted))
-    print(f"job {job['job_id']}: {job['status']}")
     if not args.wait:
-        print(f"follow it with `loraflow show {job['job_id']}`")
+        print(f"job {job['job_id']}: {job['status']}; follow it with `loraflow show {job['job_id']}`")
         return 0
     job = follow_job(api, job["job_id"])
     _print_problems(job)

@@ -26,13 +26,13 @@ def follow_job(
     while True:
         job = api.job(job_id)
         if job["status"] != status:
-            _close(bar)
+            _close(bar, finished=status == "TRAINING")
             bar, status = None, job["status"]
             say(f"{job_id}: {status}{_reason(job)}")
         if job.get("progress"):
             bar = _show_progress(bar, job["progress"], progress)
         if status in TERMINAL_STATUSES:
-            _close(bar)
+            _close(bar, finished=False)
             return job
         time.sleep(poll_s)
 
@@ -50,9 +50,13 @@ def _show_progress(bar: Any, report: dict[str, Any], progress: Callable[..., Any
     return bar
 
 
-def _close(bar: Any) -> None:
-    if bar is not None:
-        bar.close()
+def _close(bar: Any, finished: bool) -> None:
+    """Close the bar; at its total when training `finished` (its last report may be a few steps short)."""
+    if bar is None:
+        return
+    if finished:
+        bar.update(bar.total - bar.n)
+    bar.close()
 
 
 def _reason(job: dict[str, Any]) -> str:

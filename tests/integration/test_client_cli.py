@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ def test_given_running_job_when_cancelled_then_cancelled_and_a_retry_starts_atte
     folder = write_sample_dataset(tmp_path, max_train_steps=5000, preview_steps=4)
     code, out, _ = run(capsys, "train", str(folder), "--dataset", "cli-long", "--local", str(state))
     assert code == 0, out
-    job_id = out.split("job ")[-1].split(":")[0]
+    [job_id] = re.findall(r"^job (\w+): \w+; follow it with", out, flags=re.MULTILINE)
 
     assert run(capsys, "cancel", job_id, "--local", str(state))[0] == 0
     code, shown, _ = run(capsys, "show", job_id, "--json", "--local", str(state))
