@@ -5,7 +5,7 @@ loraflow local up --state-dir DIR [--fresh] [--aws-port N] [--api-port N] [--set
 loraflow validate PATH          # a dataset folder on disk, with the same rules as an upload
 loraflow demo [--output DIR]    # the whole pipeline on a generated dataset
 loraflow models (--stack NAME | --state-dir DIR) list | pull MODEL | delete MODEL[@COMMIT]
-loraflow train | jobs | show | cancel | retry | download | doctor | use   # see client_commands
+loraflow train | jobs | show | cancel | retry | download | generate | doctor | use   # see client_commands
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 API and the dataset bucket only:
 
 loraflow train DIR [--dataset NAME] [--wait] [--download OUT]
-loraflow jobs --dataset NAME [--json]      loraflow show JOB [--json]
+loraflow jobs [--dataset NAME] [--json]      loraflow show JOB [--json]
 loraflow cancel JOB                        loraflow retry JOB
 loraflow download JOB OUT                  loraflow doctor
+loraflow generate JOB PROMPT... [--steps N] [--seed N] [--scale F] [--out DIR] [--json]   # generate_command
 loraflow use (--local [DIR] | --stack NAME [--region R])   # the default target, saved once
 
 Each takes `--local [STATE_DIR]` or `--stack NAME [--region R]`; without them the default target
@@ -25,13 +26,14 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from loraflow_local.follow import follow_job
+from loraflow_local.generate_command import add_generate_parser, run_generate
 from loraflow_local.job_files import save_job_files
 from loraflow_local.jobs_api import ApiError, JobsApi
 from loraflow_local.local_validation import print_report, validate_folder
 from loraflow_local.targets import Endpoints, TargetError, choose_target, resolve, save_target
 from loraflow_local.uploader import upload_dataset
 
-COMMANDS = ("train", "jobs", "show", "cancel", "retry", "download", "doctor", "use")
+COMMANDS = ("train", "jobs", "show", "cancel", "retry", "download", "generate", "doctor", "use")
 JOB_APPEARS_S = 300.0  # the upload Lambda waits for the upload to settle before it creates the job
 
 
@@ -57,8 +59,8 @@ def add_client_parsers(commands: Any) -> None:
     train.add_argument("--dataset", help="the dataset's name in the bucket (default: the folder's name)")
     train.add_argument("--wait", action="store_true", help="follow the job until it ends")
     train.add_argument("--download", type=Path, metavar="OUT", help="with --wait: fetch the job's files here")
-    jobs = commands.add_parser("jobs", parents=[target, as_json], help="a dataset's jobs, newest first")
-    jobs.add_argument("--dataset", required=True, help="the dataset's name")
+    jobs = commands.add_parser("jobs", parents=[target, as_json], help="the latest jobs, newest first")
+    jobs.add_argument("--dataset", help="only this dataset's jobs")
     for name, text in (("show", "one job"), ("cancel", "stop a job"), ("retry", "run an ended job again")):
         command = commands.add_parser(
             name, parents=[target, *([as_json] if name == "show" else [])], help=text
@@ -67,6 +69,7 @@ def add_client_parsers(commands: Any) -> None:
     download = commands.add_parser("download", parents=[target], help="fetch a job's LoRA files and previews")
     download.add_argument("job_id", metavar="JOB")
     download.add_argument("output", type=Path, metavar="OUT")
+    add_generate_parser(commands, [target, as_json])
     commands.add_parser("doctor", parents=[target], help="which target is in use, and whether it answers")
     commands.add_parser("use", parents=[target], help="save --local/--stack as the default target")
 
@@ -149,7 +152,7 @@ def _jobs(args: argparse.Namespace, endpoints: Endpoints) -> int:
         print(json.dumps(items, indent=2))
         return 0
     if not items:
-        print(f"no jobs for dataset {args.dataset}")
+        print("no jobs yet" if args.dataset is None else f"no jobs for dataset {args.dataset}")
     for job in items:
         print(_job_line(job))
     return 0
@@ -223,4 +226,5 @@ _COMMANDS = {
     "cancel": _cancel,
     "retry": _retry,
     "download": _download,
+    "generate": lambda args, endpoints: run_generate(args, _api(endpoints)),
 }

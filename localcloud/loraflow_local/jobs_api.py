@@ -26,8 +26,11 @@ class JobsApi:
     def job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/jobs/{urllib.parse.quote(job_id, safe='')}")
 
-    def jobs(self, dataset: str, limit: int = 20) -> list[dict[str, Any]]:
-        query = urllib.parse.urlencode({"dataset": dataset, "limit": limit})
+    def jobs(self, dataset: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest `limit` jobs, of one dataset or of all."""
+        query = urllib.parse.urlencode(
+            {"limit": limit} if dataset is None else {"dataset": dataset, "limit": limit}
+        )
         items: list[dict[str, Any]] = self._call("GET", f"/jobs?{query}")["items"]
         return items
 
@@ -37,8 +40,20 @@ class JobsApi:
     def retry(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/jobs/{urllib.parse.quote(job_id, safe='')}/retry")
 
-    def _call(self, method: str, path: str) -> dict[str, Any]:
-        request = urllib.request.Request(self._url + path, headers={"x-api-key": self._key}, method=method)
+    def generate(self, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """`POST /jobs/{job_id}/generations`: the new generation (PENDING)."""
+        return self._call("POST", f"/jobs/{urllib.parse.quote(job_id, safe='')}/generations", body)
+
+    def generation(self, job_id: str, generation_id: str) -> dict[str, Any]:
+        job, generation = (urllib.parse.quote(part, safe="") for part in (job_id, generation_id))
+        return self._call("GET", f"/jobs/{job}/generations/{generation}")
+
+    def _call(self, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        headers = {"x-api-key": self._key}
+        data = None
+        if payload is not None:
+            data, headers["content-type"] = json.dumps(payload).encode(), "application/json"
+        request = urllib.request.Request(self._url + path, data=data, headers=headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
                 body: dict[str, Any] = json.loads(response.read() or b"{}")

@@ -3,30 +3,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from loraflow_local.cli import main
 from loraflow_local.sample_dataset import write_sample_dataset
+from PIL import Image
 
 pytestmark = pytest.mark.integration
-
-DATASET = "cli-demo"
-
-
-@pytest.fixture(scope="module")
-def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    from loraflow_local.cloud import LocalCloud
-
-    root = tmp_path_factory.mktemp("cli")
-    with LocalCloud(root / "state") as cloud:
-        yield cloud.state_dir
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -44,30 +31,6 @@ def printed_json(out: str) -> Any:
     return document
 
 
-@pytest.fixture(scope="module")
-def trained(state: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """`loraflow train` on the demo's dataset (few steps), followed to the end, files downloaded."""
-    root = tmp_path_factory.mktemp("cli-train")
-    folder = write_sample_dataset(root, max_train_steps=30, preview_steps=4)
-    out = root / "out"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        code = main(
-            [
-                "train",
-                str(folder),
-                "--dataset",
-                DATASET,
-                "--local",
-                str(state),
-                "--wait",
-                "--download",
-                str(out),
-            ]
-        )
-    return {"code": code, "lines": printed.getvalue().splitlines(), "out": out, "folder": folder}
-
-
 def test_given_dataset_folder_when_trained_with_wait_then_completed_and_every_file_downloaded(
     trained: dict[str, object],
 ) -> None:
@@ -75,7 +38,7 @@ def test_given_dataset_folder_when_trained_with_wait_then_completed_and_every_fi
     assert isinstance(out, Path)
     assert trained["code"] == 0, trained["lines"]
     job = json.loads((out / "job.json").read_text())
-    assert job["status"] == "COMPLETED" and job["dataset"] == DATASET
+    assert job["status"] == "COMPLETED" and job["dataset"] == trained["dataset"]
     names = {path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file()}
     assert {"pytorch_lora_weights.safetensors", "demo-lora.safetensors", "training_report.json"} <= names
     assert {"contact-sheet.png", "previews/00.png", "previews/00-base.png"} <= names
@@ -89,7 +52,8 @@ def test_given_same_folder_when_trained_again_then_nothing_uploaded_and_the_same
 ) -> None:
     job = json.loads((trained["out"] / "job.json").read_text())  # type: ignore[operator]
 
-    code, out, _ = run(capsys, "train", str(trained["folder"]), "--dataset", DATASET, "--local", str(state))
+    folder, dataset = str(trained["folder"]), str(trained["dataset"])
+    code, out, _ = run(capsys, "train", folder, "--dataset", dataset, "--local", str(state))
 
     assert code == 0
     assert "uploaded 0 files" in out and f"nothing changed since job {job['job_id']}" in out
@@ -100,12 +64,40 @@ def test_given_finished_job_when_listed_shown_and_downloaded_then_the_api_view(
 ) -> None:
     job = json.loads((trained["out"] / "job.json").read_text())  # type: ignore[operator]
 
-    code, listed, _ = run(capsys, "jobs", "--dataset", DATASET, "--json", "--local", str(state))
+    dataset = str(trained["dataset"])
+    code, listed, _ = run(capsys, "jobs", "--dataset", dataset, "--json", "--local", str(state))
     assert code == 0 and [item["job_id"] for item in printed_json(listed)] == [job["job_id"]]
+    code, every, _ = run(capsys, "jobs", "--json", "--local", str(state))
+    assert code == 0 and job["job_id"] in [item["job_id"] for item in printed_json(every)]
     code, shown, _ = run(capsys, "show", job["job_id"], "--json", "--local", str(state))
     assert code == 0 and printed_json(shown)["status"] == "COMPLETED"
     code, _, _ = run(capsys, "download", job["job_id"], str(tmp_path / "again"), "--local", str(state))
     assert code == 0 and (tmp_path / "again" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_given_completed_job_when_generate_then_lora_pictures_downloaded_and_listed_on_the_job(
+    trained: dict[str, object], state: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    job_id = json.loads((trained["out"] / "job.json").read_text())["job_id"]  # type: ignore[operator]
+    out = tmp_path / "generated"
+
+    code, printed, err = run(
+        capsys, "generate", job_id, "a dwjz", "a dwjz, blue", "--steps", "2", "--scale", "0.8",
+        "--out", str(out), "--local", str(state),
+    )  # fmt: skip
+
+    assert code == 0, err
+    files = sorted(out.glob("*.png"))
+    assert [path.name for path in files] == ["00.png", "01.png"]
+    assert all(Image.open(path).size == (64, 64) for path in files)  # the job's preview resolution
+    assert all(f"{path}\n" in printed for path in files)
+    [generation_id] = re.findall(r"^generation (\w+): COMPLETED$", printed, flags=re.MULTILINE)
+    code, shown, _ = run(capsys, "show", job_id, "--json", "--local", str(state))
+    assert printed_json(shown)["generations"][0] == {
+        "generation_id": generation_id,
+        "status": "COMPLETED",
+        "created_at": printed_json(shown)["generations"][0]["created_at"],
+    }
 
 
 def test_given_rejectable_folder_when_trained_then_report_printed_and_nothing_uploaded(
@@ -133,6 +125,9 @@ def test_given_running_job_when_cancelled_then_cancelled_and_a_retry_starts_atte
     assert run(capsys, "cancel", job_id, "--local", str(state))[0] == 0
     code, shown, _ = run(capsys, "show", job_id, "--json", "--local", str(state))
     assert printed_json(shown)["status"] == "CANCELLED"
+    code, _, err = run(capsys, "generate", job_id, "a dwjz", "--steps", "2", "--local", str(state))
+    assert code == 1 and len(err.strip().splitlines()) == 1  # only a COMPLETED job generates
+    assert "only COMPLETED jobs can be used to generate (JOB_STATE_CONFLICT, HTTP 409)" in err
     code, retried, _ = run(capsys, "retry", job_id, "--local", str(state))
     assert code == 0 and "attempt 2" in retried
     run(capsys, "cancel", job_id, "--local", str(state))  # stop the retry: nothing to wait for

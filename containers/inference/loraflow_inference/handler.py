@@ -1,5 +1,6 @@
 """Render a job's previews: each prompt by the base pipeline (cached) alone and with the job's LoRA, same
-seed, one PNG each, plus a contact sheet of the pairs, to S3.
+seed, one PNG each, plus a contact sheet of the pairs, to S3. A generation (`render_base` false) renders
+with the LoRA only, at its `lora_scale`, with its negative prompt and guidance.
 
 No HTTP here: `server.py` wraps this for SageMaker. One render at a time per process: a pipeline
 with a LoRA applied is shared state, and the LoRA is always unloaded before the next job.
@@ -66,18 +67,10 @@ class PreviewRenderer:
             pipe = self.pipeline(request.base_model)
             with tempfile.TemporaryDirectory(prefix="loraflow-lora-") as folder:
                 lora_file = _download_lora(request.lora_s3_uri, Path(folder))
-                base_images = _render_request(pipe, request, cancellation)  # before the LoRA is loaded
+                # The base model alone renders before the LoRA is loaded.
+                base_images = _render_request(pipe, request, cancellation) if request.render_base else None
                 images = self._render_with_lora(pipe, lora_file, request, cancellation)
-        prefix = request.output_s3_prefix.rstrip("/") + "/"  # `.../previews` and `.../previews/` alike
-        previews = []
-        for index, (prompt, base, image) in enumerate(zip(request.prompts, base_images, images, strict=True)):
-            uri, base_uri = prefix + preview_file(index), prefix + base_preview_file(index)
-            _upload_png(image, uri)
-            _upload_png(base, base_uri)
-            previews.append(PreviewResult(prompt=prompt, s3_uri=uri, base_s3_uri=base_uri))
-        sheet_uri = prefix + CONTACT_SHEET_FILE
-        _upload_png(contact_sheet(list(zip(request.prompts, base_images, images, strict=True))), sheet_uri)
-        return PreviewResponse(job_id=request.job_id, previews=previews, contact_sheet_s3_uri=sheet_uri)
+        return _store(request, images, base_images)
 
     def pipeline(self, ref: str) -> SupportedPipeline:
         """The cached pipeline for `ref`, loading it (after evicting the least recently used) if needed.
@@ -119,6 +112,11 @@ class PreviewRenderer:
             except Exception as exc:
                 what = f"LoRA {request.lora_s3_uri} does not fit base model {request.base_model!r}"
                 raise _preview_failed(what, exc) from exc
+            if request.lora_scale != 1.0:
+                try:
+                    pipe.set_adapters([ADAPTER_NAME], adapter_weights=[request.lora_scale])
+                except Exception as exc:
+                    raise _preview_failed(f"cannot weight the LoRA by {request.lora_scale}", exc) from exc
             return _render_request(pipe, request, cancellation)
         finally:
             self._unload_lora(pipe, request.base_model)
@@ -132,6 +130,28 @@ class PreviewRenderer:
             self._evict(ref)
 
 
+def _store(
+    request: PreviewRequest, images: list[Image.Image], base_images: list[Image.Image] | None
+) -> PreviewResponse:
+    """Upload the pictures (and, with the base model's, those and their contact sheet) under the request's
+    `output_s3_prefix`."""
+    prefix = request.output_s3_prefix.rstrip("/") + "/"  # `.../previews` and `.../previews/` alike
+    previews = []
+    for index, (prompt, image) in enumerate(zip(request.prompts, images, strict=True)):
+        uri = prefix + preview_file(index)
+        _upload_png(image, uri)
+        base_uri = None
+        if base_images is not None:
+            base_uri = prefix + base_preview_file(index)
+            _upload_png(base_images[index], base_uri)
+        previews.append(PreviewResult(prompt=prompt, s3_uri=uri, base_s3_uri=base_uri))
+    if base_images is None:
+        return PreviewResponse(job_id=request.job_id, previews=previews)
+    sheet_uri = prefix + CONTACT_SHEET_FILE
+    _upload_png(contact_sheet(list(zip(request.prompts, base_images, images, strict=True))), sheet_uri)
+    return PreviewResponse(job_id=request.job_id, previews=previews, contact_sheet_s3_uri=sheet_uri)
+
+
 def _render_request(
     pipe: SupportedPipeline, request: PreviewRequest, cancellation: CancellationCheck | None
 ) -> list[Image.Image]:
@@ -143,6 +163,8 @@ def _render_request(
         request.seed,
         request.clip_skip,
         cancellation,
+        negative_prompt=request.negative_prompt,
+        guidance=request.guidance,
     )
 
 
@@ -154,10 +176,14 @@ def render_prompts(
     seed: int,
     clip_skip: int | None = None,
     cancellation: CancellationCheck | None = None,
+    *,
+    negative_prompt: str | None = None,
+    guidance: float | None = None,
 ) -> list[Image.Image]:
     """One image per prompt; prompt i uses seed + i on a CPU generator (same picture on any device).
 
-    With a `cancellation`, a cancelled job stops the render before the next prompt or step."""
+    With a `cancellation`, a cancelled job stops the render before the next prompt or step. Without a
+    negative prompt or guidance, the family's own sampling (`preview_arguments`)."""
     images = []
     step_callback = {"callback_on_step_end": cancellation.step_callback} if cancellation else {}
     for index, prompt in enumerate(prompts):
@@ -165,7 +191,7 @@ def render_prompts(
             cancellation.raise_if_cancelled()
         try:
             result = pipe(
-                **_prompt_arguments(pipe, prompt, resolution, clip_skip),
+                **_prompt_arguments(pipe, prompt, resolution, clip_skip, negative_prompt, guidance),
                 num_inference_steps=steps,
                 height=resolution,
                 width=resolution,
@@ -181,23 +207,26 @@ def render_prompts(
 
 
 def _prompt_arguments(
-    pipe: SupportedPipeline, prompt: str, resolution: int, clip_skip: int | None
+    pipe: SupportedPipeline,
+    prompt: str,
+    resolution: int,
+    clip_skip: int | None,
+    negative_prompt: str | None = None,
+    guidance: float | None = None,
 ) -> dict[str, object]:
     """The prompt as text, or, with kohya's `clip_skip` > 1 on SD 1.x, as embeddings encoded the way the
     trainer encoded its captions (diffusers' own `clip_skip` reaches for `text_encoder.text_model`, which
-    transformers 5 no longer has; the empty negative prompt is skipped alike, as A1111 does); with the
-    family's own call arguments (`preview_arguments`)."""
+    transformers 5 no longer has; the negative prompt, empty unless given, is skipped alike, as A1111
+    does); with the family's own call arguments and the request's (`sampling_arguments`)."""
     family = family_of(pipe)
+    arguments = family.sampling_arguments(pipe, negative_prompt, guidance)
     if clip_skip is None or clip_skip <= 1 or not family.supports_clip_skip:
-        return {"prompt": prompt, **family.preview_arguments(pipe)}
+        return {"prompt": prompt, **arguments}
+    negative = str(arguments.pop("negative_prompt", ""))
     with torch.no_grad():
-        cond = family.encode_prompts(pipe, [prompt, ""], (resolution, resolution), clip_skip)
+        cond = family.encode_prompts(pipe, [prompt, negative], (resolution, resolution), clip_skip)
     embeds = cond.encoder_hidden_states
-    return {
-        "prompt_embeds": embeds[:1],
-        "negative_prompt_embeds": embeds[1:],
-        **family.preview_arguments(pipe),
-    }
+    return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:], **arguments}
 
 
 def _download_lora(uri: str, folder: Path) -> Path:

@@ -16,11 +16,11 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from loraflow_shared.contracts import TrainingProgress
+from loraflow_shared.contracts import LossPoint, TrainingProgress, merge_loss_curve
 
 MAX_INTERVAL_S = 30.0
 DEFAULT_WINDOW_S = 300.0
@@ -61,10 +61,11 @@ class ProgressReporter:
         self._last_write: float | None = None
         self.last: TrainingProgress | None = None  # the last progress written
 
-    def update(self, step: int, loss: float | None) -> bool:
+    def update(self, step: int, loss: float | None, curve: Sequence[LossPoint] = ()) -> bool:
         """Record that ``step`` is done; write the file when due. True when it was written.
 
         ``loss`` may be None (not read this step: the previous one is kept) or non-finite (written as null).
+        ``curve``: the interval means so far, written merged down to ``MAX_LOSS_CURVE_POINTS``.
         A failed write is logged, never raised: progress is for display, training goes on.
         """
         now = self._clock()
@@ -76,7 +77,9 @@ class ProgressReporter:
         )
         if not due:
             return False
-        progress = self._progress(step, loss, now)
+        progress = self._progress(step, loss, now).model_copy(
+            update={"loss_curve": merge_loss_curve([(point.step, point.loss) for point in curve])}
+        )
         try:
             _write_atomically(self.path, progress.model_dump_json().encode())
         except OSError as exc:

@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from loraflow_diffusion.families import ModelFamily
+from loraflow_shared.contracts import LossPoint
 from loraflow_shared.dataset.config import Optimizer as OptimizerName
 from loraflow_shared.dataset.config import TrainingConfig
 from loraflow_shared.errors import ErrorCode, LoraflowError
@@ -42,7 +43,6 @@ from loraflow_training.network import (
 )
 from loraflow_training.optim import ParamGroup, build_lr_scheduler, build_optimizer
 from loraflow_training.progress import ProgressReporter
-from loraflow_training.report import LossPoint
 from loraflow_training.sources import (
     CachedEmbeddings,
     CachedLatents,
@@ -362,7 +362,7 @@ class TrainingLoop:
     def _report_progress(self, step: int, loss: float) -> None:
         self._last_progress = time.monotonic()
         if self.persistence.progress is not None:
-            self.persistence.progress.update(step, loss)
+            self.persistence.progress.update(step, loss, self.loss_curve)
 
     def _save_checkpoint(self, step: int) -> None:
         store = self.persistence.checkpoints

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from loraflow_diffusion.device import peak_device_memory_bytes
 from loraflow_diffusion.families import ModelFamily, SupportedPipeline
+from loraflow_shared.contracts import LossSummary
 from loraflow_shared.dataset.config import ParsedConfig, TrainingConfig
 from loraflow_shared.errors import Problem
 
@@ -17,7 +18,7 @@ from loraflow_training.effect import lora_effect
 from loraflow_training.kohya import LoraMetadataInputs
 from loraflow_training.memory_plan import MemoryPlan
 from loraflow_training.outputs import SavedLora, save_lora
-from loraflow_training.report import LossSummary, TrainingReportV2, peak_rss_mb, write_report
+from loraflow_training.report import TrainingReportV2, peak_rss_mb, write_report
 from loraflow_training.resolve import applied_config
 from loraflow_training.settings import Hyperparameters
 from loraflow_training.train import RunSettings, TrainingOutcome

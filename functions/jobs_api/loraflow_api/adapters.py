@@ -9,13 +9,18 @@ from typing import TYPE_CHECKING
 import boto3
 from aws_lambda_powertools import Logger
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
+from loraflow_shared.contracts import PreviewRequest
+from loraflow_shared.errors import ErrorCode, LoraflowError
+from loraflow_shared.jobs.async_inference_aws import SageMakerAsyncEndpoints
 from loraflow_shared.jobs.control_aws import build_control
-from loraflow_shared.jobs.model import progress_key
+from loraflow_shared.jobs.model import preview_request_key, progress_key
+from loraflow_shared.jobs.preview_timing import GENERATION_TIMEOUTS
 from loraflow_shared.jobs.repository import JobRepository
 from loraflow_shared.notifications import Notifier
-from loraflow_shared.s3 import parse_s3_uri
+from loraflow_shared.s3 import parse_s3_uri, s3_uri
 
+from loraflow_api.generations import Generations
 from loraflow_api.logic import JobQueries
 from loraflow_api.settings import ApiSettings
 
@@ -56,6 +61,31 @@ class S3ProgressReader:
                 "cannot read progress.json", key=key, code=exc.response.get("Error", {}).get("Code")
             )
             return None
+
+
+class AsyncRenderSubmitter:
+    """A generation's request: its JSON under `async-inference/requests/`, then InvokeEndpointAsync."""
+
+    def __init__(self, client: S3Client, endpoints: SageMakerAsyncEndpoints, bucket: str) -> None:
+        self._client = client
+        self._endpoints = endpoints
+        self._bucket = bucket
+
+    def submit(self, endpoint_name: str, request: PreviewRequest, inference: str) -> None:
+        key = preview_request_key(inference)
+        try:
+            self._client.put_object(
+                Bucket=self._bucket,
+                Key=key,
+                Body=request.model_dump_json().encode(),
+                ContentType="application/json",
+            )
+            self._endpoints.invoke_async(
+                endpoint_name, s3_uri(self._bucket, key), inference, GENERATION_TIMEOUTS
+            )
+        except (ClientError, BotoCoreError) as exc:
+            message = f"the preview endpoint {endpoint_name} did not take the request: {exc}"
+            raise LoraflowError(ErrorCode.PREVIEW_FAILED, message) from exc
 
 
 def signing_config(environ: Mapping[str, str]) -> Config:
@@ -101,4 +131,17 @@ def build_queries(settings: ApiSettings, environ: Mapping[str, str] = os.environ
         signer=S3UrlSigner(s3, settings.url_expiry_seconds),
         progress=S3ProgressReader(s3, settings.artifacts_bucket),
         control=control,
+    )
+
+
+def build_generations(settings: ApiSettings, environ: Mapping[str, str] = os.environ) -> Generations:
+    s3 = signing_s3_client(environ)
+    return Generations(
+        repository=JobRepository(boto3.resource("dynamodb").Table(settings.jobs_table)),
+        submitter=AsyncRenderSubmitter(
+            s3, SageMakerAsyncEndpoints(boto3.client("sagemaker-runtime")), settings.artifacts_bucket
+        ),
+        endpoints=settings.preview_endpoints,
+        artifacts_bucket=settings.artifacts_bucket,
+        signer=S3UrlSigner(s3, settings.url_expiry_seconds),
     )

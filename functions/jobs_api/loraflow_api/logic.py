@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from aws_lambda_powertools import Logger
 from loraflow_shared.base_models import BaseModelSource
-from loraflow_shared.contracts import TrainingProgress
+from loraflow_shared.contracts import LossPoint, TrainingProgress
 from loraflow_shared.errors import Problem
 from loraflow_shared.families import ComputeClass
 from loraflow_shared.jobs.control import JobControl, cancelled_by_user
 from loraflow_shared.jobs.cost import total_cost
 from loraflow_shared.jobs.errors import JobNotFound
-from loraflow_shared.jobs.model import Attempt, Cost, Job, JobStatus, Preview, TrainingSummary, is_job_id
+from loraflow_shared.jobs.model import (
+    Attempt,
+    Cost,
+    Job,
+    JobStatus,
+    Preview,
+    StatusChange,
+    TrainingSummary,
+    is_job_id,
+)
 from loraflow_shared.jobs.repository import JobRepository
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
+
+from loraflow_api.generations import GenerationSummary, generation_summaries
 
 MAX_PAGE_SIZE = 100
 
@@ -78,13 +89,25 @@ class JobView(_View):
     artifacts: ArtifactLinks | None
     previews: list[PreviewLink]
     contact_sheet_url: str | None  # one PNG: a row per prompt, base | LoRA
-    # Only in `GET /jobs/{job_id}` while TRAINING, once the trainer reported a step; else None.
+    # Pictures asked for with the job's LoRA (`POST /jobs/{job_id}/generations`), newest first.
+    generations: list[GenerationSummary]
+    # In `GET /jobs/{job_id}` and listings while TRAINING, once the trainer reported a step; else None.
     progress: ProgressView | None
+    # Only in `GET /jobs/{job_id}` (None in listings): the loss so far while training, the final curve
+    # after it (interval means, at most MAX_LOSS_CURVE_POINTS); [] before the first logged interval.
+    loss_curve: list[LossPoint] | None
+    # The timeline: each status the job moved to and when, oldest first ([] for jobs from before it).
+    history: list[StatusChange]
     attempt: int
     # One per run of the pipeline: execution, training job name(s), capacity waits, outcome, cost.
     attempts: list[Attempt]
     cost: Cost | None  # the current attempt's training job
     total_estimated_usd: float | None  # every attempt's training jobs
+
+    @field_serializer("training")
+    def _training_without_curve(self, training: TrainingSummary | None) -> dict[str, Any] | None:
+        """The curve is `loss_curve` (listings leave it out): not twice in one document."""
+        return None if training is None else training.model_dump(mode="json", exclude={"loss_curve"})
 
 
 class JobPage(_View):
@@ -97,12 +120,17 @@ class ListJobsQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dataset: str = Field(min_length=1)
+    dataset: str | None = Field(default=None, min_length=1)  # None: every dataset's jobs
     limit: int = Field(default=20, ge=1, le=MAX_PAGE_SIZE)
     next_token: str | None = Field(default=None, min_length=1)
 
 
-def job_view(job: Job, signer: UrlSigner, progress: ProgressView | None = None) -> JobView:
+def job_view(
+    job: Job,
+    signer: UrlSigner,
+    progress: TrainingProgress | None = None,
+    with_curve: bool = False,
+) -> JobView:
     artifacts = None
     if job.artifacts is not None:
         kohya_uri = job.artifacts.lora_kohya_s3_uri
@@ -127,12 +155,20 @@ def job_view(job: Job, signer: UrlSigner, progress: ProgressView | None = None) 
         artifacts=artifacts,
         previews=[_preview_link(preview, signer) for preview in job.previews],
         contact_sheet_url=_presign_optional(job.contact_sheet_s3_uri, signer),
-        progress=progress,
+        generations=generation_summaries(job),
+        progress=None if progress is None else _progress_view(progress),
+        loss_curve=_loss_curve(job, progress) if with_curve else None,
+        history=_folded(job.history),
         attempt=job.attempt,
         attempts=job.attempts,
         cost=job.cost,
         total_estimated_usd=total_cost([attempt.cost for attempt in job.attempts] or [job.cost]),
     )
+
+
+def _folded(history: list[StatusChange]) -> list[StatusChange]:
+    """A retried step re-applies its status: only the first of such neighbours is a change."""
+    return [change for i, change in enumerate(history) if i == 0 or history[i - 1].status != change.status]
 
 
 def _preview_link(preview: Preview, signer: UrlSigner) -> PreviewLink:
@@ -147,13 +183,22 @@ def _presign_optional(uri: str | None, signer: UrlSigner) -> str | None:
     return signer.presign(uri) if uri is not None else None
 
 
-def parse_progress(job_id: str, raw: bytes) -> ProgressView | None:
+def _loss_curve(job: Job, progress: TrainingProgress | None) -> list[LossPoint]:
+    if job.training is not None:
+        return job.training.loss_curve
+    return [] if progress is None else progress.loss_curve
+
+
+def parse_progress(job_id: str, raw: bytes) -> TrainingProgress | None:
     """A malformed file is the trainer's bug, not the caller's: it is logged and shown as no progress."""
     try:
-        progress = TrainingProgress.model_validate_json(raw)
+        return TrainingProgress.model_validate_json(raw)
     except ValidationError as exc:
         logger.warning("ignoring malformed progress.json", job_id=job_id, reason=str(exc))
         return None
+
+
+def _progress_view(progress: TrainingProgress) -> ProgressView:
     return ProgressView(
         step=progress.step,
         total_steps=progress.total_steps,
@@ -179,7 +224,7 @@ class JobQueries:
 
     def get_job(self, job_id: str) -> JobView:
         job = self._require(job_id)
-        return job_view(job, self._signer, self._training_progress(job))
+        return job_view(job, self._signer, self._training_progress(job), with_curve=True)
 
     def cancel_job(self, job_id: str) -> JobView:
         """Stop whatever runs for the job and end it CANCELLED (409 once it has ended)."""
@@ -192,10 +237,14 @@ class JobQueries:
         return job_view(self._control.retry(job_id), self._signer)
 
     def list_jobs(self, query: ListJobsQuery) -> JobPage:
-        jobs, next_token = self._repository.list_by_dataset(query.dataset, query.limit, query.next_token)
-        return JobPage(items=[job_view(job, self._signer) for job in jobs], next_token=next_token)
+        if query.dataset is None:
+            jobs, next_token = self._repository.list_all(query.limit, query.next_token)
+        else:
+            jobs, next_token = self._repository.list_by_dataset(query.dataset, query.limit, query.next_token)
+        items = [job_view(job, self._signer, self._training_progress(job)) for job in jobs]
+        return JobPage(items=items, next_token=next_token)
 
-    def _training_progress(self, job: Job) -> ProgressView | None:
+    def _training_progress(self, job: Job) -> TrainingProgress | None:
         if job.status is not JobStatus.TRAINING:
             return None
         raw = self._progress.read_progress(job.job_id)

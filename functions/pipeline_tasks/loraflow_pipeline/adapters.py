@@ -10,7 +10,8 @@ from typing import IO, TYPE_CHECKING, Any
 import boto3
 from loraflow_shared.base_model_mirror import MirrorStore
 from loraflow_shared.errors import ErrorCode, LoraflowError
-from loraflow_shared.jobs.preview_timing import PreviewTimeouts, preview_timeouts
+from loraflow_shared.jobs.async_inference_aws import SageMakerAsyncEndpoints
+from loraflow_shared.jobs.preview_timing import preview_timeouts
 from loraflow_shared.jobs.repository import JobRepository
 from loraflow_shared.notifications import Notifier
 from loraflow_shared.s3 import parse_s3_uri
@@ -20,7 +21,6 @@ from loraflow_pipeline.settings import PipelineSettings
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-    from mypy_boto3_sagemaker_runtime import SageMakerRuntimeClient
 
 
 def _member_name(name: str) -> str:
@@ -87,23 +87,6 @@ class S3ArtifactStore:
     def put_json(self, uri: str, body: str) -> None:
         bucket, key = parse_s3_uri(uri)
         self._s3.put_object(Bucket=bucket, Key=key, Body=body.encode(), ContentType="application/json")
-
-
-class SageMakerAsyncEndpoints:
-    def __init__(self, client: SageMakerRuntimeClient) -> None:
-        self._client = client
-
-    def invoke_async(
-        self, endpoint_name: str, input_uri: str, inference_id: str, timeouts: PreviewTimeouts
-    ) -> None:
-        self._client.invoke_endpoint_async(
-            EndpointName=endpoint_name,
-            InputLocation=input_uri,
-            InferenceId=inference_id,
-            ContentType="application/json",
-            InvocationTimeoutSeconds=timeouts.invocation_s,
-            RequestTTLSeconds=timeouts.request_ttl_s,
-        )
 
 
 def build_tasks(settings: PipelineSettings) -> PipelineTasks:

@@ -1,7 +1,7 @@
 """PipelineTasksFunction settings, read from the environment at cold start."""
 
 from loraflow_shared.families import ComputeClass
-from loraflow_shared.jobs.compute import ComputeTarget
+from loraflow_shared.jobs.compute import ComputeTarget, preview_endpoints
 from loraflow_shared.jobs.cost import parse_price_table
 from loraflow_shared.jobs.preview_timing import MAX_PREVIEW_TIMEOUT_S, MIN_PREVIEW_TIMEOUT_S
 from loraflow_shared.settings import EnvSettings
@@ -36,11 +36,9 @@ class PipelineSettings(EnvSettings):
 
     @property
     def targets(self) -> dict[ComputeClass, ComputeTarget]:
-        targets: dict[ComputeClass, ComputeTarget] = {
-            "standard": ComputeTarget(self.training_instance_type, self.preview_endpoint_name)
+        instance_types: dict[ComputeClass, str] = {
+            "standard": self.training_instance_type,
+            "large": self.large_model_training_instance_type,
         }
-        if self.large_model_preview_endpoint_name:
-            targets["large"] = ComputeTarget(
-                self.large_model_training_instance_type, self.large_model_preview_endpoint_name
-            )
-        return targets
+        endpoints = preview_endpoints(self.preview_endpoint_name, self.large_model_preview_endpoint_name)
+        return {compute: ComputeTarget(instance_types[compute], name) for compute, name in endpoints.items()}

@@ -66,6 +66,7 @@ def training_summary(job_name: str, report: TrainingReport) -> TrainingSummary:
         epochs=report.epochs,
         peak_rss_mb=report.peak_rss_mb,
         peak_cuda_mb=report.peak_cuda_mb,
+        loss_curve=[] if report.loss is None else report.loss.curve,
     )
 
 

@@ -7,6 +7,7 @@ default); the training report allows extra keys because the trainer may add metr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
@@ -55,6 +56,15 @@ class PreviewRequest(_Strict):
     output_s3_prefix: S3Uri
     # An object that appears when the job is cancelled: the renderer polls it and stops rendering.
     cancel_s3_uri: S3Uri | None = None
+    # Previews render each prompt by the base model alone too, and a contact sheet of the pairs; a
+    # generation (`POST /jobs/{job_id}/generations`) renders with the LoRA only.
+    render_base: bool = True
+    # The LoRA's weight (1: as trained; 0: the base model's picture; negative: its effect inverted).
+    lora_scale: FiniteFloat = 1.0
+    negative_prompt: str | None = None
+    # Classifier-free guidance (or the embedded guidance of guidance-distilled models) in the pipeline's
+    # own sense; None: the family's sampling default.
+    guidance: FiniteFloat | None = Field(default=None, ge=0)
 
 
 class PreviewResult(_Strict):
@@ -85,6 +95,62 @@ def base_preview_file(index: int) -> str:
     return f"base-{index}.png"
 
 
+MAX_LOSS_CURVE_POINTS = 200  # a 100k-step run logs 10k interval means: merged down to this many
+
+
+class LossPoint(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    step: int = Field(ge=0)  # the last step of the interval
+    loss: FiniteFloat  # mean loss over the interval
+
+
+def merge_loss_curve(
+    points: Sequence[tuple[int, float]], limit: int = MAX_LOSS_CURVE_POINTS
+) -> list[LossPoint]:
+    """Merge runs of neighbouring intervals so at most `limit` remain, each mean weighted by its steps.
+
+    `points`: (last step of the interval, mean loss over it), in step order."""
+    group = max(1, -(-len(points) // limit))  # ceil
+    merged: list[LossPoint] = []
+    previous_end = 0
+    for start in range(0, len(points), group):
+        chunk = points[start : start + group]
+        weighted = total = 0.0
+        for end, loss in chunk:
+            weighted += loss * (end - previous_end)
+            total += end - previous_end
+            previous_end = end
+        merged.append(LossPoint(step=chunk[-1][0], loss=weighted / total if total else chunk[-1][1]))
+    return merged
+
+
+class LossSummary(BaseModel):
+    """The loss curve as logged: means over logging intervals (the loop syncs with the device only then)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    first: FiniteFloat
+    last: FiniteFloat
+    min: FiniteFloat
+    min_step: int
+    curve: list[LossPoint]  # interval means, at most MAX_LOSS_CURVE_POINTS (neighbours merged)
+
+    @classmethod
+    def from_interval_means(cls, points: Sequence[tuple[int, float]]) -> LossSummary | None:
+        """`points`: (last step of the interval, mean loss over it), in step order; None when empty."""
+        if not points:
+            return None
+        lowest = min(points, key=lambda point: point[1])
+        return cls(
+            first=points[0][1],
+            last=points[-1][1],
+            min=lowest[1],
+            min_step=lowest[0],
+            curve=merge_loss_curve(points),
+        )
+
+
 class TrainingReport(BaseModel):
     """`training_report.json` written by the trainer next to the LoRA weights."""
 
@@ -103,6 +169,7 @@ class TrainingReport(BaseModel):
     # Peak memory of the run in MiB (process RSS; CUDA allocator), when measured.
     peak_rss_mb: float | None = Field(default=None, ge=0)
     peak_cuda_mb: float | None = Field(default=None, ge=0)
+    loss: LossSummary | None = None  # older trainers wrote none
 
     @field_validator("warnings")
     @classmethod
@@ -128,3 +195,5 @@ class TrainingProgress(BaseModel):
     eta_seconds: float | None = Field(default=None, ge=0)
     steps_per_second: float | None = Field(default=None, ge=0)
     updated_at: str = Field(min_length=1)  # ISO-8601 UTC
+    # The loss so far: interval means, at most MAX_LOSS_CURVE_POINTS (older trainers wrote none).
+    loss_curve: list[LossPoint] = Field(default_factory=list)

@@ -47,6 +47,9 @@ class ErrorCode(StrEnum):
     JOB_NOT_FOUND = "JOB_NOT_FOUND"
     BAD_REQUEST = "BAD_REQUEST"
     JOB_STATE_CONFLICT = "JOB_STATE_CONFLICT"  # e.g. cancelling a job that already ended
+    GENERATION_NOT_FOUND = "GENERATION_NOT_FOUND"
+    # A job already has as many generations waiting as it may (the endpoint's queue is shared with previews)
+    TOO_MANY_GENERATIONS = "TOO_MANY_GENERATIONS"
 
 
 # Codes reported as warnings: the dataset is accepted anyway.

@@ -158,3 +158,67 @@ def test_given_two_base_models_when_rendered_then_only_the_latest_stays_cached(
 
     assert renderer.pipeline(str(copy)) is not first
     assert renderer.cached_models == [str(copy)]
+
+
+def _objects_under(prefix_uri: str) -> list[str]:
+    bucket, _, prefix = prefix_uri.removeprefix("s3://").partition("/")
+    listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return sorted(item["Key"].removeprefix(prefix) for item in listed)
+
+
+def test_given_generation_request_when_rendered_then_lora_pictures_only_without_base_or_sheet(
+    renderer: PreviewRenderer, uploaded_lora: str, tiny_model: Path
+) -> None:
+    prefix = f"s3://{BUCKET}/jobs/job-1/generations/0123456789abcdef/"
+    request = _request(str(tiny_model), prompts=PROMPTS[:2], render_base=False, output_s3_prefix=prefix)
+
+    response = renderer.render(request)
+
+    assert [(p.s3_uri, p.base_s3_uri) for p in response.previews] == [
+        (f"{prefix}0.png", None),
+        (f"{prefix}1.png", None),
+    ]
+    assert response.contact_sheet_s3_uri is None
+    assert _objects_under(prefix) == ["0.png", "1.png"]
+
+
+def test_given_lora_scale_when_rendered_then_0_is_the_base_alone_and_the_scale_changes_the_picture(
+    renderer: PreviewRenderer, uploaded_lora: str, tiny_model: Path
+) -> None:
+    request = _request(str(tiny_model), prompts=PROMPTS[:1], render_base=False)
+    pipe = renderer.pipeline(request.base_model)
+    base = np.asarray(
+        render_prompts(pipe, request.prompts, request.steps, request.resolution, request.seed)[0]
+    )
+
+    pictures = {}
+    for scale in (0.0, 1.0, 2.0):
+        rendered = renderer.render(request.model_copy(update={"lora_scale": scale}))
+        pictures[scale] = np.asarray(_download_png(rendered.previews[0].s3_uri), float)
+
+    assert np.array_equal(pictures[0.0], base)
+    assert np.abs(pictures[1.0] - base).max() > 0 and np.abs(pictures[2.0] - pictures[1.0]).max() > 0
+    assert not pipe.get_list_adapters()  # unloaded after each
+
+
+def test_given_negative_prompt_and_guidance_when_rendered_then_the_pipeline_samples_with_them(
+    renderer: PreviewRenderer, tiny_model: Path
+) -> None:
+    pipe = renderer.pipeline(str(tiny_model))
+    chosen = {"negative_prompt": "blurry", "guidance": 2.0}
+
+    rendered = render_prompts(pipe, PROMPTS[:1], steps=2, resolution=64, seed=5, **chosen)[0]
+    default = render_prompts(pipe, PROMPTS[:1], steps=2, resolution=64, seed=5)[0]
+
+    generator = torch.Generator("cpu").manual_seed(5)
+    direct = pipe(
+        PROMPTS[0],
+        negative_prompt="blurry",
+        guidance_scale=2.0,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=generator,
+    ).images[0]
+    assert np.array_equal(np.asarray(rendered), np.asarray(direct))
+    assert not np.array_equal(np.asarray(rendered), np.asarray(default))

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from loraflow_shared.contracts import TrainingProgress
+from loraflow_shared.contracts import MAX_LOSS_CURVE_POINTS, LossPoint, TrainingProgress
 from loraflow_training.progress import MAX_INTERVAL_S, ProgressReporter
 
 
@@ -51,7 +51,22 @@ def test_given_first_update_when_reported_then_file_has_every_field_and_no_eta_y
         "eta_seconds": None,
         "steps_per_second": None,
         "updated_at": "2025-01-02T01:04:05+00:00",  # converted to UTC
+        "loss_curve": [],
     }
+
+
+def test_given_a_long_loss_curve_when_reported_then_written_merged_to_the_bounded_number_of_points(
+    tmp_path: Path,
+) -> None:
+    progress = reporter(tmp_path, 10_000, FakeClock())
+    curve = [LossPoint(step=10 * (i + 1), loss=1.0 if i < 500 else 0.5) for i in range(1000)]
+
+    progress.update(10_000, 0.5, curve)
+
+    written = read(tmp_path / "progress.json").loss_curve
+    assert len(written) == MAX_LOSS_CURVE_POINTS
+    assert written[0].loss == 1.0 and written[-1] == LossPoint(step=10_000, loss=0.5)
+    assert [point.step for point in written] == sorted({point.step for point in written})
 
 
 def test_given_updates_within_the_interval_when_reported_then_written_once_per_interval(

@@ -7,14 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loraflow_shared.contracts import TrainingReport
+from loraflow_shared.contracts import MAX_LOSS_CURVE_POINTS, LossSummary, TrainingReport
 from loraflow_shared.dataset.config import TrainingConfig
 from loraflow_shared.errors import ErrorCode, Problem
 from loraflow_training.effect import WEAK_LORA_THRESHOLD, EffectReport
 from loraflow_training.report import (
-    MAX_CURVE_POINTS,
     REPORT_NAME,
-    LossSummary,
     TrainingReportV2,
     peak_rss_mb,
     write_report,
@@ -75,7 +73,7 @@ def test_given_full_report_when_written_then_shared_contract_parses_it(tmp_path:
     assert extra["config"]["train_batch_size"] == 2 and extra["config"]["resolution"] == [64, 64]
     assert extra["images_per_bucket"] == {"64x64": 60}
     assert extra["effect"]["weak"] is True
-    assert extra["loss"]["min"] == 0.12
+    assert shared.loss is not None and shared.loss.min == 0.12  # the contract's own now (the loss curve)
 
 
 def test_given_written_report_when_read_back_then_equal(tmp_path: Path) -> None:
@@ -105,7 +103,7 @@ def test_given_long_run_when_summarised_then_curve_merged_to_limit_weighted_by_s
     summary = LossSummary.from_interval_means(points)
 
     assert summary is not None
-    assert len(summary.curve) <= MAX_CURVE_POINTS
+    assert len(summary.curve) <= MAX_LOSS_CURVE_POINTS
     assert summary.curve[-1].step == 10_005 and summary.curve[0].step == 60  # groups of 6 intervals
     assert summary.curve[0].loss == pytest.approx(sum(1.0 - i / 1000 for i in range(6)) / 6)
     merged_mean = sum(p.loss * (p.step - prev) for p, prev in _with_previous_steps(summary.curve)) / 10_005

@@ -26,7 +26,7 @@ from loraflow_shared.dataset.config_messages import MAX_SHOWN_CHARS
 from loraflow_shared.dataset.config_rules import MAX_PREVIEW_SIDE
 from loraflow_shared.dataset.layout import MAX_PREVIEW_PROMPTS
 from loraflow_shared.errors import ErrorCode, Problem, ValidationFailed
-from loraflow_shared.jobs.model import PreviewSettings
+from loraflow_shared.jobs.model import PreviewSettings, StatusChange
 from loraflow_shared.jobs.repository import JobRepository
 
 PATH = "config.toml"
@@ -295,7 +295,8 @@ def test_given_largest_accepted_values_when_written_to_the_jobs_table_then_read_
 
     repository.claim(job)
 
-    assert repository.get(job.job_id) == job
+    first = StatusChange(status=job.status, at=job.created_at)  # the timeline `claim` starts
+    assert repository.get(job.job_id) == job.model_copy(update={"history": [first]})
 
 
 def test_given_forty_digit_seed_when_written_to_the_jobs_table_then_dynamodb_refuses_it(aws: None) -> None:

@@ -6,7 +6,8 @@ The jobs table is built from template.yaml's own declaration, so the tests follo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from io import BytesIO
@@ -38,6 +39,23 @@ xformers = true
 [loraflow]
 preview_steps = 3
 """
+
+
+@contextmanager
+def sent_requests(operation: str) -> Iterator[list[dict[str, Any]]]:
+    """The parameters of each `operation` request (e.g. `sagemaker-runtime.InvokeEndpointAsync`) as they
+    leave boto3: what moto does not keep (timeouts, ids) or drops (SendTaskFailure's cause)."""
+    sent: list[dict[str, Any]] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        sent.append(dict(params))
+
+    session = boto3._get_default_session()
+    session.events.register(f"provide-client-params.{operation}", record)
+    try:
+        yield sent
+    finally:
+        session.events.unregister(f"provide-client-params.{operation}", record)
 
 
 def load_event(name: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -11,6 +12,7 @@ from loraflow_api import app
 from loraflow_api.adapters import build_queries
 from loraflow_api.logic import JobQueries
 from loraflow_api.settings import ApiSettings
+from loraflow_shared.contracts import LossPoint
 from loraflow_shared.jobs.model import Artifacts, Job, JobStatus, Preview, TrainingSummary
 from loraflow_shared.jobs.repository import JobRepository
 
@@ -64,14 +66,20 @@ def claim(repository: JobRepository, job_id: str, created_at: str) -> Job:
 def completed_job(repository: JobRepository) -> Job:
     job_id = load_event("apigw_get_job.json")["pathParameters"]["job_id"]
     claim(repository, job_id, "2025-01-15T10:00:00.000Z")
-    for status in (JobStatus.QUEUED, JobStatus.TRAINING):
+    for status in (JobStatus.QUEUED, JobStatus.TRAINING, JobStatus.TRAINING):  # a retried step: twice
         repository.transition(job_id, status)
     repository.transition(
         job_id,
         JobStatus.GENERATING_PREVIEWS,
         preview_task_token="secret-token",
         training=TrainingSummary(
-            job_name=f"loraflow-{job_id}", steps=2, final_loss=0.25, seconds=1.5, epochs=1, peak_rss_mb=900.0
+            job_name=f"loraflow-{job_id}",
+            steps=2,
+            final_loss=0.25,
+            seconds=1.5,
+            epochs=1,
+            peak_rss_mb=900.0,
+            loss_curve=[LossPoint(step=1, loss=0.5), LossPoint(step=2, loss=0.25)],
         ),
         artifacts=Artifacts(
             lora_diffusers_s3_uri=f"s3://{ARTIFACTS_BUCKET}/jobs/{job_id}/lora/pytorch_lora_weights.safetensors",
@@ -119,6 +127,15 @@ def test_given_completed_job_when_fetched_then_view_with_presigned_urls_and_no_i
     assert kohya_url.path.endswith(f"/jobs/{job.job_id}/lora/zqxj.safetensors")
     assert parse_qs(kohya_url.query)["X-Amz-Expires"] == ["600"]
     assert body["progress"] is None
+    assert [change["status"] for change in body["history"]] == [
+        "VALIDATING",
+        "QUEUED",
+        "TRAINING",
+        "GENERATING_PREVIEWS",
+        "COMPLETED",
+    ]
+    assert body["history"][0]["at"] == "2025-01-15T10:00:00.000Z"
+    assert body["loss_curve"] == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
     [preview] = body["previews"]
     assert preview["prompt"] == "zqxj dog"
     assert urlparse(preview["url"]).path.endswith("/previews/0.png")
@@ -140,7 +157,11 @@ def test_given_unknown_job_when_fetched_then_404_job_not_found(
 
 @pytest.mark.parametrize(
     ("query", "mentioned"),
-    [({}, "dataset"), ({"dataset": DATASET, "limit": "0"}, "limit"), ({"datset": DATASET}, "datset")],
+    [
+        ({"dataset": ""}, "dataset"),
+        ({"dataset": DATASET, "limit": "0"}, "limit"),
+        ({"datset": DATASET}, "datset"),
+    ],
 )
 def test_given_bad_query_when_listing_then_400_naming_the_parameter(
     queries: JobQueries, context: FakeLambdaContext, query: dict[str, str], mentioned: str
@@ -178,3 +199,20 @@ def test_given_unknown_route_when_called_then_404_json(
     status, body = call(queries, context, event)
     assert status == 404
     assert "/nope" in body["message"]
+
+
+def test_given_the_root_path_when_fetched_then_the_gallery_page_served_with_a_strict_policy(
+    queries: JobQueries, context: FakeLambdaContext
+) -> None:
+    event = load_event("apigw_list_jobs.json") | {"path": "/", "resource": "/", "queryStringParameters": None}
+
+    response = app.lambda_handler(event, context, queries=queries)
+
+    headers = response.get("multiValueHeaders") or {k: [v] for k, v in response["headers"].items()}
+    assert response["statusCode"] == 200
+    assert headers["Content-Type"] == ["text/html; charset=utf-8"]
+    assert "connect-src 'self'" in headers["Content-Security-Policy"][0]
+    assert "<title>loraflow</title>" in response["body"]
+    assert "localStorage.getItem(KEY_STORE)" in response["body"]
+    # Nothing is fetched from elsewhere: the only absolute URL is SVG's namespace name.
+    assert set(re.findall(r"https?://[^\s\"'`]+", response["body"])) == {"http://www.w3.org/2000/svg"}

@@ -24,6 +24,7 @@ PROGRESS = {
     "steps_per_second": 2.93,
     "updated_at": "2025-01-15T10:02:00.000Z",
 }
+CURVE = [{"step": 10, "loss": 0.2}, {"step": 120, "loss": 0.0831}]
 
 
 @pytest.fixture
@@ -37,6 +38,12 @@ def _queries(cloud: Cloud, bucket: str = ARTIFACTS_BUCKET) -> JobQueries:
 
 def _get_job(queries: JobQueries) -> tuple[int, dict[str, Any]]:
     response = app.lambda_handler(load_event("apigw_get_job.json"), FakeLambdaContext(), queries=queries)
+    return response["statusCode"], json.loads(response["body"])
+
+
+def _list_all(queries: JobQueries) -> tuple[int, dict[str, Any]]:
+    event = load_event("apigw_list_jobs.json") | {"queryStringParameters": None}
+    response = app.lambda_handler(event, FakeLambdaContext(), queries=queries)
     return response["statusCode"], json.loads(response["body"])
 
 
@@ -142,3 +149,26 @@ def test_given_job_recorded_before_kohya_export_when_fetched_then_kohya_url_null
 
     assert body["artifacts"]["lora_kohya_url"] is None
     assert body["artifacts"]["lora_diffusers_url"].startswith("https://")
+
+
+def test_given_training_job_with_a_loss_curve_when_fetched_then_the_curve_so_far(
+    cloud: Cloud, repository: JobRepository
+) -> None:
+    _job_in(repository, JobStatus.TRAINING)
+    _write_progress(json.dumps(PROGRESS | {"loss_curve": CURVE}).encode())
+
+    status, body = _get_job(_queries(cloud))
+
+    assert (status, body["loss_curve"]) == (200, CURVE)
+
+
+def test_given_training_job_when_every_job_is_listed_then_it_shows_progress_but_no_curve(
+    cloud: Cloud, repository: JobRepository
+) -> None:
+    _job_in(repository, JobStatus.TRAINING)
+    _write_progress(json.dumps(PROGRESS | {"loss_curve": CURVE}).encode())
+
+    status, body = _list_all(_queries(cloud))
+
+    [item] = body["items"]
+    assert (status, item["job_id"], item["progress"]["step"], item["loss_curve"]) == (200, JOB_ID, 120, None)

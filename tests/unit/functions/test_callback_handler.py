@@ -16,6 +16,7 @@ from functions_aws import (
     claim_job,
     create_cloud,
     load_event,
+    sent_requests,
 )
 from loraflow_callback import app
 from loraflow_callback.adapters import build_callback
@@ -49,15 +50,8 @@ def cloud(aws_env: None) -> Iterator[Cloud]:
 @pytest.fixture
 def sent_failures(cloud: Cloud) -> Iterator[list[dict[str, Any]]]:
     """SendTaskFailure requests as they leave boto3 (moto 5.2.5 drops `cause` when it answers them)."""
-    sent: list[dict[str, Any]] = []
-
-    def record(params: dict[str, Any], **_: Any) -> None:
-        sent.append(dict(params))
-
-    session = boto3._get_default_session()
-    session.events.register("provide-client-params.sfn.SendTaskFailure", record)
-    yield sent
-    session.events.unregister("provide-client-params.sfn.SendTaskFailure", record)
+    with sent_requests("sfn.SendTaskFailure") as sent:
+        yield sent
 
 
 @pytest.fixture

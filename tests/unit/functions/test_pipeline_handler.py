@@ -4,7 +4,6 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
 from functions_aws import (
     ARTIFACTS_BUCKET,
@@ -14,6 +13,7 @@ from functions_aws import (
     Cloud,
     FakeLambdaContext,
     load_event,
+    sent_requests,
 )
 from loraflow_pipeline.base_model_inputs import channel
 from loraflow_pipeline.logic import PipelineTasks
@@ -103,15 +103,8 @@ def test_given_archive_without_lora_when_training_recorded_then_training_failed(
 @pytest.fixture
 def async_invocations(cloud: Cloud) -> Iterator[list[dict[str, Any]]]:
     """InvokeEndpointAsync requests as they leave boto3 (moto does not keep their timeouts)."""
-    sent: list[dict[str, Any]] = []
-
-    def record(params: dict[str, Any], **_: Any) -> None:
-        sent.append(dict(params))
-
-    session = boto3._get_default_session()
-    session.events.register("provide-client-params.sagemaker-runtime.InvokeEndpointAsync", record)
-    yield sent
-    session.events.unregister("provide-client-params.sagemaker-runtime.InvokeEndpointAsync", record)
+    with sent_requests("sagemaker-runtime.InvokeEndpointAsync") as sent:
+        yield sent
 
 
 def test_given_trained_job_when_previews_requested_then_request_written_and_endpoint_invoked(

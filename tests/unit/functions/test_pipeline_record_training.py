@@ -67,7 +67,11 @@ def test_given_kohya_file_named_by_report_when_recorded_then_published_beside_th
 def test_given_report_with_warnings_and_metrics_when_recorded_then_job_has_them_once_even_if_retried(
     tasks: PipelineTasks, repository: JobRepository, context: FakeLambdaContext
 ) -> None:
-    report = _report(warnings=[WEAK, ADJUSTED], epochs=4, peak_rss_mb=812.5, peak_cuda_mb=6144.0, extra=1)
+    curve = [{"step": 20, "loss": 0.25}, {"step": 40, "loss": 0.125}]
+    loss = {"first": 0.25, "last": 0.125, "min": 0.125, "min_step": 40, "curve": curve}
+    report = _report(
+        warnings=[WEAK, ADJUSTED], epochs=4, peak_rss_mb=812.5, peak_cuda_mb=6144.0, extra=1, loss=loss
+    )
     members = {"pytorch_lora_weights.safetensors": DIFFUSERS_LORA, "training_report.json": report}
 
     _record(tasks, context, members)
@@ -84,6 +88,7 @@ def test_given_report_with_warnings_and_metrics_when_recorded_then_job_has_them_
         "epochs": 4,
         "peak_rss_mb": 812.5,
         "peak_cuda_mb": 6144.0,
+        "loss_curve": curve,
     }
     assert job.status is JobStatus.TRAINING  # recording changes no status
 

@@ -105,6 +105,36 @@ def test_given_five_jobs_when_listed_two_per_page_then_all_newest_first_once(
     assert seen == list(reversed(ids))
 
 
+def test_given_jobs_of_two_datasets_when_all_are_listed_two_per_page_then_every_job_newest_first_once(
+    repository: JobRepository,
+) -> None:
+    datasets = ["ds-a", "ds-b", "ds-a", "ds-c", "ds-b"]
+    claimed = [
+        repository.claim(new_job(job_id=f"{i:024x}", dataset=dataset, created_at=f"2025-01-15T10:00:0{i}Z"))
+        for i, dataset in enumerate(datasets)
+    ]
+    seen: list[str] = []
+    token: str | None = None
+    for _ in range(5):
+        page, token = repository.list_all(limit=2, next_token=token)
+        seen.extend(job.job_id for job in page)
+        if token is None:
+            break
+    assert seen == [claim.job.job_id for claim in reversed(claimed)]
+    assert all(claim.created for claim in claimed)
+
+
+def test_given_token_of_the_dataset_listing_when_listing_all_then_bad_request(
+    repository: JobRepository,
+) -> None:
+    _claim_jobs(repository, "ds-a", 3)
+    _, token = repository.list_by_dataset("ds-a", limit=1)
+    assert token is not None
+    with pytest.raises(LoraflowError) as raised:
+        repository.list_all(next_token=token)
+    assert raised.value.code is ErrorCode.BAD_REQUEST
+
+
 @pytest.mark.parametrize(
     "token",
     [

@@ -30,6 +30,10 @@ SHARED_VARIABLE_VALUES = {
     "NOTIFICATION_TOPIC_ARN": {"Ref": "NotificationTopic"},
     "ARTIFACTS_BUCKET": {"Ref": "ArtifactsBucket"},
     "STATE_MACHINE_ARN": {"Ref": "TrainingPipeline"},
+    "PREVIEW_ENDPOINT_NAME": {"Fn::GetAtt": ["PreviewEndpoint", "EndpointName"]},
+    "LARGE_MODEL_PREVIEW_ENDPOINT_NAME": {
+        "Fn::If": ["HasLargeModels", {"Fn::GetAtt": ["LargeModelPreviewEndpoint", "EndpointName"]}, ""]
+    },
 }
 
 FUNCTION_IDS = sorted(EXPECTED_ENVIRONMENT)
@@ -143,7 +147,7 @@ def test_given_preview_callback_when_subscribed_then_to_both_endpoint_topics(
     assert topics == ["PreviewErrorTopic", "PreviewSuccessTopic"]
 
 
-def test_given_jobs_api_when_routes_listed_then_reads_and_job_control_behind_an_api_key(
+def test_given_jobs_api_when_routes_listed_then_all_but_the_gallery_page_behind_an_api_key(
     transformed: dict[str, Any],
 ) -> None:
     swagger = transformed["Resources"]["JobsApi"]["Properties"]["Body"]
@@ -154,13 +158,16 @@ def test_given_jobs_api_when_routes_listed_then_reads_and_job_control_behind_an_
     }
 
     assert sorted(routes) == [
+        ("/", "get"),  # the gallery page: it asks the user for the key, then calls the routes below
         ("/jobs", "get"),
         ("/jobs/{job_id}", "get"),
         ("/jobs/{job_id}/cancel", "post"),
+        ("/jobs/{job_id}/generations", "post"),
+        ("/jobs/{job_id}/generations/{generation_id}", "get"),
         ("/jobs/{job_id}/retry", "post"),
     ]
-    for operation in routes.values():
-        assert operation["security"] == [{"api_key": []}]
+    for route, operation in routes.items():
+        assert operation["security"] == ([] if route == ("/", "get") else [{"api_key": []}])
         assert operation["x-amazon-apigateway-integration"]["type"] == "aws_proxy"
         assert "${JobsApiFunction.Arn}" in operation["x-amazon-apigateway-integration"]["uri"]["Fn::Sub"]
 

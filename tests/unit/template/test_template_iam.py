@@ -145,3 +145,21 @@ def test_given_callback_role_when_completing_tasks_then_only_on_the_training_pip
     ]
 
     assert {str(s["Resource"]) for s in task_statements} == {str({"Ref": "TrainingPipeline"})}
+
+
+def test_given_jobs_api_role_when_generating_then_invokes_only_the_preview_endpoints_with_its_requests(
+    transformed: dict[str, Any],
+) -> None:
+    statements = [s for owner, s in _allow_statements(transformed) if owner == "JobsApiFunctionRole"]
+    invoke = [s for s in statements if "sagemaker:InvokeEndpointAsync" in as_list(s["Action"])]
+    writes = [s for s in statements if "s3:PutObject" in as_list(s["Action"])]
+
+    assert len(invoke) == 1 and as_list(invoke[0]["Action"]) == ["sagemaker:InvokeEndpointAsync"]
+    assert invoke[0]["Resource"] == [
+        {"Ref": "PreviewEndpoint"},
+        {"Fn::If": ["HasLargeModels", {"Ref": "LargeModelPreviewEndpoint"}, {"Ref": "AWS::NoValue"}]},
+    ]
+    # The request JSON only (SageMaker's own role reads it); cancel markers come from JobControlPolicy.
+    assert [s["Resource"] for s in writes] == [
+        {"Fn::Sub": "${ArtifactsBucket.Arn}/async-inference/requests/*"}
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from loraflow_shared.jobs.repository import CREATED_INDEX, DATASET_INDEX, LISTING_ATTRIBUTE
 from template_helpers import as_list, resources_of_type
 
 FULL_PUBLIC_ACCESS_BLOCK = {
@@ -109,20 +110,25 @@ def test_given_jobs_table_when_inspected_then_keys_and_index_match_the_repositor
     transformed: dict[str, Any],
 ) -> None:
     properties = transformed["Resources"]["JobsTable"]["Properties"]
-    (index,) = properties["GlobalSecondaryIndexes"]
+    indexes = {index["IndexName"]: index for index in properties["GlobalSecondaryIndexes"]}
 
     assert properties["BillingMode"] == "PAY_PER_REQUEST"
     assert properties["KeySchema"] == [{"AttributeName": "job_id", "KeyType": "HASH"}]
-    assert index["IndexName"] == "by_dataset"
-    assert index["KeySchema"] == [
+    assert set(indexes) == {DATASET_INDEX, CREATED_INDEX}
+    assert indexes[DATASET_INDEX]["KeySchema"] == [
         {"AttributeName": "dataset", "KeyType": "HASH"},
         {"AttributeName": "created_at", "KeyType": "RANGE"},
     ]
-    assert index["Projection"] == {"ProjectionType": "ALL"}
+    assert indexes[CREATED_INDEX]["KeySchema"] == [
+        {"AttributeName": LISTING_ATTRIBUTE, "KeyType": "HASH"},
+        {"AttributeName": "created_at", "KeyType": "RANGE"},
+    ]
+    assert all(index["Projection"] == {"ProjectionType": "ALL"} for index in indexes.values())
     assert {d["AttributeName"]: d["AttributeType"] for d in properties["AttributeDefinitions"]} == {
         "job_id": "S",
         "dataset": "S",
         "created_at": "S",
+        LISTING_ATTRIBUTE: "S",
     }
     assert properties["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}
     assert properties["SSESpecification"] == {"SSEEnabled": True}

@@ -27,6 +27,8 @@ def _resolve(value: Any) -> str:
         return value
     if "Ref" in value:
         return BUCKET_NAMES.get(value["Ref"], value["Ref"])
+    if "Fn::If" in value:  # a condition's resource: as when the condition holds
+        return _resolve(value["Fn::If"][1])
     if "Fn::GetAtt" in value:
         logical_id, attribute = value["Fn::GetAtt"]
         if logical_id in BUCKET_NAMES and attribute == "Arn":

@@ -10,6 +10,7 @@ export names and metadata; its memory footprint; and its defaults.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -293,6 +294,24 @@ class ModelFamily(ABC):
         """Arguments of the pipeline's call beyond prompt, size, steps and seed, where its defaults do not
         render the way the model is meant to be sampled; most need none."""
         return {}
+
+    # The call argument a request's `guidance` sets: classifier-free guidance, or the guidance a
+    # guidance-distilled model embeds, in the pipeline's own sense.
+    guidance_argument: ClassVar[str] = "guidance_scale"
+
+    def sampling_arguments(
+        self, pipe: DiffusionPipeline, negative_prompt: str | None = None, guidance: float | None = None
+    ) -> dict[str, Any]:
+        """`preview_arguments` with a request's negative prompt and guidance over them. A pipeline that
+        takes no negative prompt refuses one (ValueError) rather than ignore it."""
+        arguments = self.preview_arguments(pipe)
+        if negative_prompt is not None:
+            if "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
+                raise ValueError(f"{type(pipe).__name__} takes no negative prompt")
+            arguments["negative_prompt"] = negative_prompt
+        if guidance is not None:
+            arguments[self.guidance_argument] = guidance
+        return arguments
 
     # -- export ------------------------------------------------------------------------------------
 

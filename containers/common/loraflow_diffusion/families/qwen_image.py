@@ -203,6 +203,9 @@ class QwenImage(ModelFamily):
         only with a negative prompt, and renders washed-out images without; Qwen's own examples pass " "."""
         return {"negative_prompt": " "}
 
+    # Its classifier-free guidance is `true_cfg_scale` (`guidance_scale` is for guidance-distilled weights).
+    guidance_argument = "true_cfg_scale"
+
     def kohya_names(self, pipe: DiffusionPipeline, state_dict: Mapping[str, T]) -> dict[str, T]:
         """musubi-tuner's names (`lora_unet_transformer_blocks_0_attn_to_q`): the transformer's module paths
         under kohya's UNet prefix, which ComfyUI maps to its Qwen-Image model (same module paths as

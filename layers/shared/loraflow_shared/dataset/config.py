@@ -47,6 +47,13 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 MAX_MODEL_REF_CHARS = 5 + 63 + 1 + 1024
 ModelRef = Annotated[str, Field(min_length=1, max_length=MAX_MODEL_REF_CHARS)]
 PreviewPrompts = Annotated[list[Prompt], Field(min_length=1, max_length=MAX_PREVIEW_PROMPTS)]
+# Diffusers' schedulers take up to their 1000 training timesteps; past ~150 steps nothing changes in the
+# picture. The product with the prompts and the size is bounded by ``preview_budget`` in validation.
+PreviewSteps = Annotated[int, Field(ge=1, le=150)]
+PreviewSide = Annotated[int, Field(ge=64, le=MAX_PREVIEW_SIDE, multiple_of=8)]
+# Classifier-free guidance, or the guidance a guidance-distilled FLUX.1 [dev] embeds; past ~20 nothing is
+# ever sampled.
+GuidanceScale = Annotated[float, Field(ge=0, le=20)]
 RESOLUTION_FORMS = 'an integer like 512, or a string like "512" or "768,512" (width,height)'
 
 Optimizer = Literal["AdamW", "AdamW8bit", "Adafactor"]
@@ -62,10 +69,8 @@ class LoraflowSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, allow_inf_nan=False)
 
     preview_prompts: PreviewPrompts | None = None
-    # Diffusers' schedulers take up to their 1000 training timesteps; past ~150 steps nothing changes in
-    # the picture. The product with the prompts and the size is bounded by ``preview_budget`` in validation.
-    preview_steps: Annotated[int, Field(ge=1, le=150)] = 20
-    preview_resolution: Annotated[int, Field(ge=64, le=MAX_PREVIEW_SIDE, multiple_of=8)] | None = None
+    preview_steps: PreviewSteps = 20
+    preview_resolution: PreviewSide | None = None
     preview_seed: Seed = 0  # prompt i renders with preview_seed + i (i < MAX_PREVIEW_PROMPTS)
 
 
@@ -122,8 +127,8 @@ class TrainingConfig(BaseModel):
     min_snr_gamma: Annotated[float, Field(gt=0, le=20)] | None = None
     prior_loss_weight: Annotated[float, Field(ge=0, le=100)] = 1.0  # weights the reg images' loss
     # flow-matching families (FLUX, Qwen-Image, Z-Image), kohya sd-scripts' names; None: the family's default.
-    # Guidance-distilled FLUX.1 dev embeds the guidance it trains with; past ~20 nothing is ever sampled.
-    guidance_scale: Annotated[float, Field(ge=0, le=20)] | None = None
+    # Guidance-distilled FLUX.1 dev embeds the guidance it trains with.
+    guidance_scale: GuidanceScale | None = None
     timestep_sampling: TimestepSampling | None = None
     discrete_flow_shift: Annotated[float, Field(gt=0, le=100)] | None = None  # the "shift" sampling's shift
     sigmoid_scale: Annotated[float, Field(gt=0, le=100)] | None = None  # the "sigmoid" sampling's scale

@@ -38,8 +38,7 @@ def _describe_error(model: type[BaseModel], error: Any) -> str:
     elif error["type"] == "string_pattern_mismatch" and "description" in schema:
         rule = f"must be {schema['description']}"
     elif error["type"] == "extra_forbidden":
-        known = ", ".join(_loraflow_table_keys(model))
-        rule = f"unknown [{LORAFLOW_TABLE}] setting (known: {known})"
+        rule = _unknown_key_rule(model, loc)
     else:
         rule = str(error["msg"]).removeprefix("Value error, ")
         rule = rule[:1].lower() + rule[1:]
@@ -58,9 +57,11 @@ def cut(text: str) -> str:
     return text if len(text) <= MAX_SHOWN_CHARS else f"{text[: MAX_SHOWN_CHARS - 3]}..."
 
 
-def _loraflow_table_keys(model: type[BaseModel]) -> list[str]:
-    annotation = model.model_fields[LORAFLOW_TABLE].annotation
-    return list(annotation.model_fields) if isinstance(annotation, type) else []
+def _unknown_key_rule(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """A key the model does not define, with the keys it does (a config's `[table]`, or a top-level key)."""
+    known = ", ".join(_schema_at(model, loc[:-1]).get("properties", {}))
+    where = f"[{loc[-2]}] setting" if len(loc) > 1 else "key"
+    return f"unknown {where} (known: {known})"
 
 
 def _key_name(loc: tuple[Any, ...]) -> str:

@@ -34,11 +34,13 @@ RENDERS_PER_PROMPT = 2
 _PIXELS_PER_MEGAPIXEL = 1_000_000
 
 
-def estimated_render_seconds(prompts: int, steps: int, width: int, height: int) -> float:
-    """Estimated seconds to render ``prompts`` prompts (base and LoRA pictures) of ``width`` x ``height``
-    with ``steps`` steps each."""
+def estimated_render_seconds(
+    prompts: int, steps: int, width: int, height: int, renders_per_prompt: int = RENDERS_PER_PROMPT
+) -> float:
+    """Estimated seconds to render ``prompts`` prompts (base and LoRA pictures: ``renders_per_prompt``) of
+    ``width`` x ``height`` with ``steps`` steps each."""
     megapixels = width * height / _PIXELS_PER_MEGAPIXEL
-    return prompts * RENDERS_PER_PROMPT * steps * megapixels * SECONDS_PER_MEGAPIXEL_STEP
+    return prompts * renders_per_prompt * steps * megapixels * SECONDS_PER_MEGAPIXEL_STEP
 
 
 def job_preview_prompts(config: TrainingConfig, subsets: Sequence[Subset]) -> list[str]:

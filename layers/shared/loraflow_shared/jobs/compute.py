@@ -122,3 +122,12 @@ class ComputeTarget:
 
     training_instance_type: str
     preview_endpoint_name: str
+
+
+def preview_endpoints(standard: str, large: str) -> dict[ComputeClass, str]:
+    """Each compute class's preview endpoint; the large class only on a stack that has it (`large` names
+    one: stack parameter LargeModelFamilies)."""
+    endpoints: dict[ComputeClass, str] = {"standard": standard}
+    if large:
+        endpoints["large"] = large
+    return endpoints

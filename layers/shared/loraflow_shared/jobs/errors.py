@@ -55,3 +55,25 @@ class JobStateConflict(LoraflowError):
         )
         self.job_id = job_id
         self.status = status
+
+
+class GenerationNotFound(LoraflowError):
+    def __init__(self, job_id: str, generation_id: str) -> None:
+        super().__init__(
+            ErrorCode.GENERATION_NOT_FOUND, f"job {job_id} has no generation with id {echoed(generation_id)}"
+        )
+        self.job_id = job_id
+        self.generation_id = generation_id
+
+
+class TooManyGenerations(LoraflowError):
+    """A job has as many generations waiting as it may (HTTP 429): one more must wait for one to end."""
+
+    def __init__(self, job_id: str, pending: int) -> None:
+        super().__init__(
+            ErrorCode.TOO_MANY_GENERATIONS,
+            f"job {job_id} already has {pending} generations waiting to render (the most a job may have): "
+            "ask again when one of them has finished",
+        )
+        self.job_id = job_id
+        self.pending = pending

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -11,6 +12,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraflow_shared.base_models import BaseModelSource
+from loraflow_shared.contracts import LossPoint
 from loraflow_shared.dataset.objects import ObjectInfo
 from loraflow_shared.errors import Problem
 from loraflow_shared.families import DEFAULT_COMPUTE, ComputeClass
@@ -78,6 +80,8 @@ class TrainingSummary(_Record):
     epochs: int | None = None
     peak_rss_mb: float | None = None
     peak_cuda_mb: float | None = None
+    # The report's curve (interval means, at most MAX_LOSS_CURVE_POINTS: a few KB of the job's item).
+    loss_curve: list[LossPoint] = Field(default_factory=list)
 
 
 class Artifacts(_Record):
@@ -91,6 +95,42 @@ class Preview(_Record):
     prompt: str
     s3_uri: str  # with the LoRA
     base_s3_uri: str | None = None  # the base model alone, same seed (older jobs lack it)
+
+
+class GenerationStatus(StrEnum):
+    PENDING = "PENDING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+class GenerationSettings(_Record):
+    """How a generation renders: the request's values, the job's preview settings where it gave none."""
+
+    steps: int
+    resolution: int
+    seed: int  # prompt i renders with seed + i, as previews
+    lora_scale: float = 1.0
+    negative_prompt: str | None = None
+    guidance: float | None = None  # None: the family's own sampling default
+    clip_skip: int | None = None  # the job's (SD 1.x): prompts encoded as the trainer encoded captions
+
+
+class GeneratedImage(_Record):
+    prompt: str
+    s3_uri: str
+
+
+class Generation(_Record):
+    """Pictures rendered with a COMPLETED job's LoRA on request (`POST /jobs/{job_id}/generations`)."""
+
+    generation_id: str
+    status: GenerationStatus
+    prompts: list[str]
+    settings: GenerationSettings
+    created_at: str
+    updated_at: str
+    images: list[GeneratedImage] = Field(default_factory=list)
+    error: Problem | None = None  # why it FAILED
 
 
 class Cost(_Record):
@@ -124,6 +164,13 @@ class Attempt(_Record):
     cost: Cost | None = None
 
 
+class StatusChange(_Record):
+    """One entry of a job's timeline: the status it moved to, and when."""
+
+    status: JobStatus
+    at: str
+
+
 class Job(_Record):
     job_id: str
     dataset: str
@@ -147,9 +194,16 @@ class Job(_Record):
     artifacts: Artifacts | None = None
     previews: list[Preview] = Field(default_factory=list)
     contact_sheet_s3_uri: str | None = None  # the previews' base | LoRA sheet, one PNG
+    # Newest first, bounded (`jobs.generations`); changed only by read-modify-writes conditional on
+    # `generations_revision`, which each such write increments.
+    generations: list[Generation] = Field(default_factory=list)
+    generations_revision: int = 0
     # The attempt now running (or last run); each retry adds one. Older records lack both: attempt 1.
     attempt: int = 1
     attempts: list[Attempt] = Field(default_factory=list)
+    # Every transition, oldest first (a retried step that re-applies its status appends it again: readers
+    # fold neighbours with the same status). Records from before it have none.
+    history: list[StatusChange] = Field(default_factory=list)
     # Warnings of validation alone: a retry starts from them again (the trainer's are per attempt).
     validation_warnings: list[Problem] = Field(default_factory=list)
     cost: Cost | None = None
@@ -273,3 +327,42 @@ def preview_cancel_key(inference: str) -> str:
     """Written when a job is cancelled while its previews render: the renderer polls for it and stops
     (SageMaker has no API to cancel an async request)."""
     return f"{ASYNC_INFERENCE_PREFIX}cancelled/{inference}"
+
+
+def job_prefix(job_id: str) -> str:
+    """Where a job's artifacts live in the artifacts bucket."""
+    return f"jobs/{job_id}/"
+
+
+def generation_prefix(job_id: str, generation_id: str) -> str:
+    """A generation's pictures, named `contracts.preview_file(i)` under it."""
+    return f"{job_prefix(job_id)}generations/{generation_id}/"
+
+
+GENERATION_ID_LENGTH = 16
+_GENERATION_ID_PATTERN = re.compile(rf"^[0-9a-f]{{{GENERATION_ID_LENGTH}}}$")
+_GENERATION_MARK = "-g-"
+# InvokeEndpointAsync's InferenceId: 1-64 printable characters (SageMaker Runtime API reference).
+MAX_INFERENCE_ID_CHARS = 64
+
+
+def new_generation_id() -> str:
+    return secrets.token_hex(GENERATION_ID_LENGTH // 2)
+
+
+def is_generation_id(value: str) -> bool:
+    return _GENERATION_ID_PATTERN.fullmatch(value) is not None
+
+
+def generation_inference_id(job_id: str, generation_id: str) -> str:
+    """The async endpoint's InferenceId of a generation, `<job_id>-g-<generation_id>` (43 characters):
+    `parse_inference_id` (previews) refuses it, `parse_generation_inference_id` only accepts it."""
+    return f"{job_id}{_GENERATION_MARK}{generation_id}"
+
+
+def parse_generation_inference_id(value: str) -> tuple[str, str] | None:
+    """`(job_id, generation_id)` of a `generation_inference_id`; None for anything else."""
+    job_id, mark, generation_id = value.partition(_GENERATION_MARK)
+    if not mark or not is_job_id(job_id) or not is_generation_id(generation_id):
+        return None
+    return job_id, generation_id

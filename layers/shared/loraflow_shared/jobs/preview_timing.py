@@ -37,3 +37,12 @@ def preview_timeouts(total_s: int) -> PreviewTimeouts:
         )
     ttl = total_s - PREVIEW_INVOCATION_TIMEOUT_S - NOTIFICATION_MARGIN_S
     return PreviewTimeouts(invocation_s=PREVIEW_INVOCATION_TIMEOUT_S, request_ttl_s=ttl)
+
+
+# A generation (`POST /jobs/{job_id}/generations`) waits in the endpoint's queue at most an hour: a user
+# who asked for pictures is not left waiting for the six hours a training job's previews may.
+GENERATION_TIMEOUTS = PreviewTimeouts(invocation_s=PREVIEW_INVOCATION_TIMEOUT_S, request_ttl_s=3600)
+# After this, a PENDING generation can no longer succeed: it is shown (and counted) as FAILED.
+GENERATION_EXPIRY_S = (
+    GENERATION_TIMEOUTS.invocation_s + GENERATION_TIMEOUTS.request_ttl_s + NOTIFICATION_MARGIN_S
+)

@@ -22,15 +22,31 @@ from pydantic_core import to_jsonable_python
 
 from loraflow_shared.errors import ErrorCode, LoraflowError
 from loraflow_shared.jobs.errors import InvalidTransition, JobNotFound, StaleAttempt
-from loraflow_shared.jobs.model import TERMINAL_STATUSES, Job, JobStatus, predecessors, timestamp
+from loraflow_shared.jobs.model import (
+    TERMINAL_STATUSES,
+    Generation,
+    Job,
+    JobStatus,
+    StatusChange,
+    predecessors,
+    timestamp,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.service_resource import Table
 
 DATASET_INDEX = "by_dataset"
-_KEY_ATTRIBUTES = frozenset({"job_id", "dataset", "created_at"})
+# Every job, newest first: a GSI whose partition key is one constant attribute that `claim` writes. One
+# partition takes ~1000 writes/s, far above a training service's rate of new jobs; items written before
+# the attribute existed are not in this index (they stay in `by_dataset`).
+CREATED_INDEX = "by_created"
+LISTING_ATTRIBUTE = "listing"
+LISTING_PARTITION = "jobs"
+GENERATION_WRITE_TRIES = 5  # concurrent changes of one job's generations (requests, results) are rare
 # Identity and history fields: set once by `claim`, never by `update`/`transition`.
-_IMMUTABLE_FIELDS = frozenset({"job_id", "dataset", "created_at", "fingerprint", "status", "updated_at"})
+_IMMUTABLE_FIELDS = frozenset(
+    {"job_id", "dataset", "created_at", "fingerprint", "status", "updated_at", "history"}
+)
 
 
 class ClaimResult(NamedTuple):
@@ -67,8 +83,13 @@ class JobRepository:
 
     def claim(self, job: Job) -> ClaimResult:
         """Create `job` unless a job with its id exists; then return that one (`created=False`)."""
+        first = StatusChange(status=job.status, at=job.created_at)
+        job = job.model_copy(update={"history": job.history or [first]})
         try:
-            self._table.put_item(Item=to_dynamo(job), ConditionExpression="attribute_not_exists(job_id)")
+            self._table.put_item(
+                Item={**to_dynamo(job), LISTING_ATTRIBUTE: LISTING_PARTITION},
+                ConditionExpression="attribute_not_exists(job_id)",
+            )
         except self._conditional_failed:
             existing = self.get(job.job_id)
             if existing is None:  # deleted between the two calls: nothing sane to resume
@@ -105,7 +126,8 @@ class JobRepository:
         VALIDATING, a retry's only from FAILED/CANCELLED (both would otherwise allow the other's).
         """
         allowed = sorted(_sources(to, from_statuses))
-        values = {**_validated_fields(fields), "status": to, "updated_at": self.now()}
+        now = self.now()
+        values = {**_validated_fields(fields), "status": to, "updated_at": now}
         placeholders = ", ".join(f":allowed{i}" for i in range(len(allowed)))
         condition, extra = _attempt_condition(if_attempt)
         try:
@@ -114,6 +136,7 @@ class JobRepository:
                 values,
                 condition=f"attribute_exists(job_id) AND #status IN ({placeholders}){condition}",
                 extra_values={**extra, **{f":allowed{i}": status.value for i, status in enumerate(allowed)}},
+                history=StatusChange(status=to, at=now),
             )
         except self._conditional_failed:
             current = self.require(job_id)
@@ -135,17 +158,56 @@ class JobRepository:
                 raise StaleAttempt(job_id, if_attempt, current.attempt) from None
             raise
 
+    def change_generations(self, job_id: str, change: Callable[[Job], list[Generation] | None]) -> Job | None:
+        """Set the job's generations to `change(job)`, unless another write changed them since the read
+        (`generations_revision`: then read and change again). `change` returns None to write nothing (and
+        so does this) or raises to refuse. `updated_at` stays: a generation does not change the job's run.
+        """
+        for _ in range(GENERATION_WRITE_TRIES):
+            job = self.require(job_id)
+            generations = change(job)
+            if generations is None:
+                return None
+            revision = job.generations_revision
+            legacy = " OR attribute_not_exists(#generations_revision)" if revision == 0 else ""
+            values = {"generations": generations, "generations_revision": revision + 1}
+            try:
+                return self._write(
+                    job_id,
+                    _validated_fields(values),
+                    condition=f"attribute_exists(job_id) AND (#generations_revision = :revision{legacy})",
+                    extra_values={":revision": revision},
+                )
+            except self._conditional_failed:
+                continue
+        raise LoraflowError(
+            ErrorCode.INTERNAL_ERROR,
+            f"job {job_id}: its generations changed under {GENERATION_WRITE_TRIES} writes",
+        )
+
     def _write(
-        self, job_id: str, values: dict[str, Any], condition: str, extra_values: dict[str, Any]
+        self,
+        job_id: str,
+        values: dict[str, Any],
+        condition: str,
+        extra_values: dict[str, Any],
+        history: StatusChange | None = None,
     ) -> Job:
+        """SET `values` under `condition`; with `history`, append it to the job's timeline (same write)."""
         names = {f"#f{i}": name for i, name in enumerate(values)}
-        for placeholder in ("#status", "#attempt"):  # DynamoDB rejects names an expression does not use
+        # DynamoDB rejects names an expression does not use.
+        for placeholder in ("#status", "#attempt", "#generations_revision"):
             if placeholder in condition:
                 names[placeholder] = placeholder[1:]
         expression_values = {f":v{i}": to_dynamo(value) for i, value in enumerate(values.values())}
+        assignments = [f"#f{i} = :v{i}" for i in range(len(values))]
+        if history is not None:
+            names["#history"] = "history"
+            expression_values |= {":history": to_dynamo([history]), ":no_history": []}
+            assignments.append("#history = list_append(if_not_exists(#history, :no_history), :history)")
         response = self._table.update_item(
             Key={"job_id": job_id},
-            UpdateExpression="SET " + ", ".join(f"#f{i} = :v{i}" for i in range(len(values))),
+            UpdateExpression="SET " + ", ".join(assignments),
             ConditionExpression=condition,
             ExpressionAttributeNames=names,
             ExpressionAttributeValues={**expression_values, **extra_values},
@@ -170,14 +232,23 @@ class JobRepository:
         self, dataset: str, limit: int = 20, next_token: str | None = None
     ) -> tuple[list[Job], str | None]:
         """Jobs of one dataset, newest first, one page at a time."""
+        return self._newest_first(DATASET_INDEX, "dataset", dataset, limit, next_token)
+
+    def list_all(self, limit: int = 20, next_token: str | None = None) -> tuple[list[Job], str | None]:
+        """Every job (since the listing attribute was written), newest first, one page at a time."""
+        return self._newest_first(CREATED_INDEX, LISTING_ATTRIBUTE, LISTING_PARTITION, limit, next_token)
+
+    def _newest_first(
+        self, index: str, attribute: str, value: str, limit: int, next_token: str | None
+    ) -> tuple[list[Job], str | None]:
         query: dict[str, Any] = {
-            "IndexName": DATASET_INDEX,
-            "KeyConditionExpression": Key("dataset").eq(dataset),
+            "IndexName": index,
+            "KeyConditionExpression": Key(attribute).eq(value),
             "ScanIndexForward": False,
             "Limit": limit,
         }
         if next_token:
-            query["ExclusiveStartKey"] = decode_page_token(next_token, dataset)
+            query["ExclusiveStartKey"] = decode_page_token(next_token, attribute, value)
         response = self._table.query(**query)
         jobs = [Job.model_validate(item) for item in response.get("Items", [])]
         last_key = response.get("LastEvaluatedKey")
@@ -208,7 +279,7 @@ def encode_page_token(last_evaluated_key: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def decode_page_token(token: str, dataset: str) -> dict[str, str]:
+def decode_page_token(token: str, attribute: str, value: str) -> dict[str, str]:
     """The DynamoDB start key inside a `next_token`; anything else is the caller's error, not ours."""
     invalid = LoraflowError(ErrorCode.BAD_REQUEST, "next_token is not a token returned by this listing")
     try:
@@ -217,9 +288,9 @@ def decode_page_token(token: str, dataset: str) -> dict[str, str]:
         raise invalid from exc
     if (
         not isinstance(decoded, dict)
-        or set(decoded) != _KEY_ATTRIBUTES
-        or not all(isinstance(value, str) for value in decoded.values())
-        or decoded["dataset"] != dataset
+        or set(decoded) != {"job_id", "created_at", attribute}
+        or not all(isinstance(item, str) for item in decoded.values())
+        or decoded[attribute] != value
     ):
         raise invalid
     return decoded
