@@ -60,6 +60,10 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "template.yaml"
 LOCAL_SETTLE_SECONDS = "3"
+# The trainer's `TrainerSettings.loraflow_progress_interval_s` (15 s on AWS, where progress.json is synced
+# to S3): on a laptop the checkpoint folder is local, so the CLI's bar and the gallery update every 2 s.
+PROGRESS_INTERVAL_VARIABLE = "LORAFLOW_PROGRESS_INTERVAL_S"
+LOCAL_PROGRESS_INTERVAL_S = "2"
 # The environment variables this process gets while a cloud runs (restored on stop).
 _ENV_KEYS = (
     "AWS_ENDPOINT_URL",
@@ -258,6 +262,7 @@ class LocalCloud:
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": self.region,
             "AWS_REGION": self.region,
+            PROGRESS_INTERVAL_VARIABLE: os.environ.get(PROGRESS_INTERVAL_VARIABLE, LOCAL_PROGRESS_INTERVAL_S),
             **_hub_env(),
         }
 

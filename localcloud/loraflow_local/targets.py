@@ -111,13 +111,17 @@ def _local(target: Target) -> Endpoints:
     )
 
 
+# The stack's outputs a client reads (template.yaml `Outputs`; a template test keeps the two in step).
+API_URL_OUTPUT, API_KEY_OUTPUT, DATASET_BUCKET_OUTPUT = "ApiUrl", "ApiKeyId", "DatasetBucketName"
+
+
 def _stack(target: Target) -> Endpoints:
     session = boto3.session.Session(region_name=target.region)
     stacks = session.client("cloudformation").describe_stacks(StackName=target.name)["Stacks"]
     outputs = {o["OutputKey"]: o["OutputValue"] for o in stacks[0].get("Outputs", [])}
-    missing = {"ApiUrl", "ApiKeyId", "DatasetBucketName"} - outputs.keys()
+    missing = {API_URL_OUTPUT, API_KEY_OUTPUT, DATASET_BUCKET_OUTPUT} - outputs.keys()
     if missing:
         raise TargetError(f"stack {target.name} lacks the outputs {sorted(missing)}: not a loraflow stack")
-    key = session.client("apigateway").get_api_key(apiKey=outputs["ApiKeyId"], includeValue=True)
-    api_url, bucket = outputs["ApiUrl"].rstrip("/"), outputs["DatasetBucketName"]
+    key = session.client("apigateway").get_api_key(apiKey=outputs[API_KEY_OUTPUT], includeValue=True)
+    api_url, bucket = outputs[API_URL_OUTPUT].rstrip("/"), outputs[DATASET_BUCKET_OUTPUT]
     return Endpoints(target, api_url, key["value"], bucket, session)

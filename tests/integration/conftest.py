@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,34 +13,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.resolve().is_relative_to(_HERE):
             item.add_marker(pytest.mark.integration)
-
-
-CLI_DATASET = "cli-demo"
-
-
-@pytest.fixture(scope="session")
-def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One local cloud for the user's surfaces (CLI, gallery): its state folder, as `--local` takes it."""
-    from loraflow_local.cloud import LocalCloud
-
-    root = tmp_path_factory.mktemp("cli")
-    with LocalCloud(root / "state") as cloud:
-        yield cloud.state_dir
-
-
-@pytest.fixture(scope="session")
-def trained(state: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """`loraflow train` on the demo's dataset (few steps), followed to the end, files downloaded."""
-    from loraflow_local.cli import main
-    from loraflow_local.sample_dataset import write_sample_dataset
-
-    root = tmp_path_factory.mktemp("cli-train")
-    folder = write_sample_dataset(root, max_train_steps=30, preview_steps=4)
-    out = root / "out"
-    printed = io.StringIO()
-    argv = ["train", str(folder), "--dataset", CLI_DATASET, "--local", str(state), "--wait", "--download"]
-    argv.append(str(out))
-    with contextlib.redirect_stdout(printed):
-        code = main(argv)
-    lines = printed.getvalue().splitlines()
-    return {"code": code, "lines": lines, "out": out, "folder": folder, "dataset": CLI_DATASET}

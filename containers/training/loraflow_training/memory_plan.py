@@ -47,6 +47,7 @@ FRAGMENTATION = 1.2  # PyTorch's caching allocator holds more than the live tens
 # kohya's default is 1, which leaves most of a GPU idle; the plan lowers this when memory is short.
 PREFERRED_GPU_BATCH_SIZE = 4
 WEIGHT_BYTES = {"no": 4, "fp16": 2, "bf16": 2}  # by mixed_precision: the frozen weights' dtype
+FP8_BYTES = 1  # a frozen denoiser weight under fp8_base (float8 e4m3)
 TRAINABLE_BYTES = 4 + 4  # fp32 master weight + fp32 gradient, per trainable (LoRA) parameter
 ADAM_STATE_BYTES: dict[Optimizer, float] = {"AdamW": 8.0, "AdamW8bit": 2.0}
 
@@ -61,6 +62,7 @@ class MemoryPlan(BaseModel):
     cache_latents: bool
     train_unet_only: bool
     batch_size: int
+    fp8_base: bool = False  # the frozen denoiser stored in float8 (plans from before it: False)
     device_memory_bytes: int | None  # None: no GPU (trained on the CPU)
     estimated_peak_bytes: int
     fits: bool  # the estimate is within BUDGET_FRACTION of the device memory (always True on the CPU)
@@ -76,7 +78,8 @@ class MemoryPlan(BaseModel):
         return (
             f"batch_size={self.batch_size}, gradient_checkpointing={on_off[self.gradient_checkpointing]}, "
             f"optimizer={self.optimizer}, cache_latents={on_off[self.cache_latents]}, "
-            f"train_unet_only={on_off[self.train_unet_only]}; estimated peak "
+            f"train_unet_only={on_off[self.train_unet_only]}, fp8_base={on_off[self.fp8_base]}; "
+            f"estimated peak "
             f"{_gib(self.estimated_peak_bytes)} on a {device}{pinned}"
         )
 
@@ -88,6 +91,7 @@ class Knobs:
     optimizer: Optimizer
     train_unet_only: bool
     batch_size: int
+    fp8_base: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,7 @@ def pinned_keys(config: TrainingConfig) -> list[str]:
         "optimizer_type": config.optimizer_type,
         "network_train_unet_only": config.network_train_unet_only,
         "train_batch_size": config.train_batch_size,
+        "fp8_base": config.fp8_base,
     }
     return [key for key, value in values.items() if value is not None]
 
@@ -168,6 +173,7 @@ def _starting_knobs(config: TrainingConfig, on_gpu: bool, text_trainable: bool) 
         optimizer=config.optimizer_type or "AdamW",
         train_unet_only=bool(config.network_train_unet_only) or not text_trainable,
         batch_size=config.train_batch_size or default_batch,
+        fp8_base=bool(config.fp8_base),
     )
 
 
@@ -187,6 +193,9 @@ def _turnable(
         turns.append(("UNet-only training (text encoders not trained)", _with(train_unet_only=True)))
     if config.train_batch_size is None:
         turns.append(("batch", _smaller_batch))
+    # Last: the only saving that changes the frozen weights the LoRA learns against (float8 rounding).
+    if config.fp8_base is None:
+        turns.append(("fp8 base (the frozen denoiser stored in float8)", _with(fp8_base=True)))
     return turns
 
 
@@ -225,7 +234,7 @@ def estimate_breakdown(knobs: Knobs, job: _Job) -> dict[str, int]:
     trains_text = not knobs.train_unet_only
     text_on_device = trains_text or job.captions_vary
     vae_bytes = 4 if fp.vae_upcast else job.weight_bytes
-    frozen = fp.denoiser_params * job.weight_bytes
+    frozen = fp.denoiser_params * (FP8_BYTES if knobs.fp8_base else job.weight_bytes)
     frozen += fp.text_encoder_params * job.weight_bytes if text_on_device else 0
     frozen += 0 if knobs.cache_latents else fp.vae_params * vae_bytes
     lora_params = job.network_dim * (
@@ -286,6 +295,7 @@ def _costly_pins(knobs: Knobs, job: _Job, config: TrainingConfig) -> list[str]:
         "optimizer_type": dataclasses.replace(knobs, optimizer="AdamW8bit"),
         "network_train_unet_only": dataclasses.replace(knobs, train_unet_only=True),
         "train_batch_size": dataclasses.replace(knobs, batch_size=1),
+        "fp8_base": dataclasses.replace(knobs, fp8_base=True),
     }
     total = estimate_breakdown(knobs, job)["total"]
     costly = []
@@ -306,6 +316,7 @@ def _plan(
         cache_latents=knobs.cache_latents,
         train_unet_only=knobs.train_unet_only,
         batch_size=knobs.batch_size,
+        fp8_base=knobs.fp8_base,
         device_memory_bytes=device_bytes,
         estimated_peak_bytes=breakdown["total"],
         fits=fits,

@@ -56,6 +56,13 @@ def add_lora(pipe: DiffusionPipeline, family: ModelFamily, config: TrainingConfi
         cast_training_params(module, dtype=torch.float32)
 
 
+def store_denoiser_in_fp8(pipe: DiffusionPipeline, family: ModelFamily) -> None:
+    """kohya's fp8_base: the frozen denoiser's weights in float8 (e4m3), each layer upcast to the compute
+    dtype for its forward (diffusers' layerwise casting; norms and embeddings stay as they are)."""
+    denoiser = family.denoiser(pipe)
+    denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=denoiser.dtype)
+
+
 def enable_gradient_checkpointing(pipe: DiffusionPipeline, family: ModelFamily, train_text: bool) -> None:
     family.denoiser(pipe).enable_gradient_checkpointing()
     if train_text:

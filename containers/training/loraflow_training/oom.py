@@ -78,6 +78,8 @@ def _advice(plan: MemoryPlan) -> str:
         changes.append("network_train_unet_only = true")
     if plan.optimizer == "AdamW":
         changes.append('optimizer_type = "AdamW8bit" (needs bitsandbytes)')
+    if not plan.fp8_base:
+        changes.append("fp8_base = true")
     changes.append("a lower resolution")
     bigger = "more host memory" if plan.device_memory_bytes is None else "more GPU memory"
     return f"Try {', '.join(changes)}, or an instance with {bigger}."

@@ -30,6 +30,8 @@ class PlannedKnobs(Protocol):
     def train_unet_only(self) -> bool: ...
     @property
     def batch_size(self) -> int: ...
+    @property
+    def fp8_base(self) -> bool: ...
 
 
 def resolve_run(
@@ -56,6 +58,7 @@ def resolve_run(
             optimizer=optimizer,
             gradient_checkpointing=plan.gradient_checkpointing,
             cache_latents=plan.cache_latents,
+            fp8_base=plan.fp8_base,
             # A family whose text encoders never train (LLM encoders) encodes captions once, not per step.
             train_text_encoder=not plan.train_unet_only and family.text_encoders_trainable,
             clip_skip=clip_skip,
@@ -86,6 +89,7 @@ def applied_config(config: TrainingConfig, run: RunSettings) -> TrainingConfig:
             "train_batch_size": run.batch_size,
             "optimizer_type": run.optimizer,
             "gradient_checkpointing": run.gradient_checkpointing,
+            "fp8_base": run.fp8_base,
             "cache_latents": run.cache_latents,
             "network_train_unet_only": not run.train_text_encoder,
             "clip_skip": run.clip_skip,

@@ -38,6 +38,7 @@ from loraflow_training.network import (
     enable_gradient_checkpointing,
     load_lora_state,
     lora_state,
+    store_denoiser_in_fp8,
     trainable_parameters,
     trained_modules,
 )
@@ -75,6 +76,7 @@ class RunSettings:
     total_steps: int
     checkpoint_every_steps: int = DEFAULT_CHECKPOINT_STEPS
     checkpoint_every_seconds: float | None = DEFAULT_CHECKPOINT_SECONDS
+    fp8_base: bool = False  # the frozen denoiser stored in float8, upcast per layer
 
 
 @dataclass
@@ -115,6 +117,8 @@ def train_lora(
     randoms = RandomStreams.seeded(config.seed, device)
     latents = _latent_source(pipe, family, data, config, run, randoms)
     text = text_source(pipe, family, data, run.train_text_encoder, run.clip_skip)
+    if run.fp8_base:  # before the adapters: only the frozen base layers are stored in float8
+        store_denoiser_in_fp8(pipe, family)
     add_lora(pipe, family, config, run.train_text_encoder)
     if run.gradient_checkpointing:
         enable_gradient_checkpointing(pipe, family, run.train_text_encoder)

@@ -262,3 +262,29 @@ def test_given_family_whose_llm_text_encoder_never_trains_when_planned_then_deno
     assert not any("UNet-only" in reason for reason in result.reasons)  # not a saving: the family's way
     # Captions are encoded once, so the (large) text encoder leaves the GPU: only the denoiser's weights.
     assert result.estimate_breakdown["frozen_weights"] == footprint.denoiser_params * 2
+
+
+FLUX1_1024 = ("flux1", (1024, 1024))
+
+
+def test_given_24gib_gpu_and_flux1_at_1024_when_planned_then_fp8_base_is_the_last_saving_and_fits() -> None:
+    result = plan(FLUX1_1024, 24, bitsandbytes=True, mixed_precision="bf16")
+
+    taken = [reason.split(":")[0] for reason in result.reasons[:-1]]
+    assert taken[-1] == "fp8 base (the frozen denoiser stored in float8)"
+    assert result.fp8_base and result.fits
+    assert result.estimated_peak_bytes <= 22 * GIB  # the 24 GB plan
+    assert result.estimate_breakdown["frozen_weights"] == family_named("flux1").footprint.denoiser_params
+
+
+def test_given_fp8_base_pinned_off_on_24gib_when_flux1_is_planned_then_does_not_fit_naming_the_pin() -> None:
+    result = plan(FLUX1_1024, 24, bitsandbytes=True, mixed_precision="bf16", fp8_base=False)
+
+    assert not result.fits and not result.fp8_base
+    assert "fp8_base=false (+" in result.reasons[-1] and result.pinned == ["fp8_base"]
+
+
+def test_given_48gib_gpu_and_flux1_when_planned_then_bf16_weights_without_fp8() -> None:
+    result = plan(FLUX1_1024, 48, bitsandbytes=True, mixed_precision="bf16")
+
+    assert result.fits and not result.fp8_base

@@ -14,6 +14,7 @@ from loraflow_shared.dataset.config import TrainingConfig
 from loraflow_training.data import TrainingData, load_training_data
 from loraflow_training.distributed import make_accelerator
 from loraflow_training.train import RunSettings, TrainingOutcome, train_lora
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
@@ -79,6 +80,26 @@ def test_given_half_precision_base_when_trained_then_lora_weights_stay_fp32(
         trained = [p for p in module.parameters() if p.requires_grad]
         assert trained and all(p.dtype == torch.float32 for p in trained)
     assert pipe.unet.conv_in.weight.dtype == torch.bfloat16
+
+
+def test_given_fp8_base_when_trained_then_frozen_layers_are_stored_in_float8_and_the_lora_learns_in_fp32(
+    tiny_model: Path, dataset: Path, tmp_path: Path
+) -> None:
+    pipe = _pipe(tiny_model, tmp_path)
+    config = TrainingConfig(**BASE, max_train_steps=4)  # type: ignore[arg-type]
+
+    outcome = _train(pipe, load_training_data(dataset, config), config, fp8_base=True)
+
+    assert outcome.steps == 4 and np.isfinite(outcome.final_loss)
+    adapted = [module for module in pipe.unet.modules() if isinstance(module, BaseTunerLayer)]
+    assert adapted and all(
+        m.base_layer.weight.dtype == torch.float8_e4m3fn for m in adapted
+    )  # upcast per forward
+    assert pipe.unet.conv_in.weight.dtype == torch.float8_e4m3fn
+    trained = [p for p in pipe.unet.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    learned = _lora_b(pipe.unet)
+    assert learned and all(value.abs().max() > 0 for value in learned.values())
 
 
 def test_given_text_encoder_lora_when_trained_then_both_networks_learn(

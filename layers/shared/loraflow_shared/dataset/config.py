@@ -138,6 +138,10 @@ class TrainingConfig(BaseModel):
     t5xxl_max_token_length: Annotated[int, Field(ge=1, le=512)] | None = None  # T5's own limit: 512
     # memory and precision
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # kohya's: the frozen denoiser stored in float8 (e4m3) and upcast layer by layer for each forward
+    # (diffusers' layerwise casting); the LoRA trains in fp32. None: the memory plan turns it on only
+    # when nothing else fits the GPU.
+    fp8_base: bool | None = None
     gradient_checkpointing: bool | None = None
     cache_latents: bool | None = None
     # captions and augmentation

@@ -23,7 +23,7 @@ from loraflow_local.uploader import upload_dataset
 pytestmark = pytest.mark.integration
 
 CHROMIUM = os.environ.get("LORAFLOW_CHROMIUM", "/usr/bin/chromium")
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-output" / "gallery"
+SCREENSHOTS = Path(__file__).resolve().parents[3] / "test-output" / "gallery"
 # Chromium's own background traffic (updates, sync, QUIC probes) fails on a closed network: keep it off.
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -118,7 +118,7 @@ def test_given_a_finished_job_when_its_page_opens_then_previews_load_and_the_los
 ) -> None:
     page.goto(page.url.split("#")[0] + f"#/jobs/{_job_id(trained)}")
     page.wait_for_selector("#previews img")
-    page.wait_for_function("[...document.querySelectorAll('#previews img')].every((i) => i.complete)")
+    page.wait_for_function("() => [...document.querySelectorAll('#previews img')].every((i) => i.complete)")
 
     sizes = page.eval_on_selector_all("#previews img", "images => images.map((i) => i.naturalWidth)")
     assert len(sizes) == 2 * len(page.query_selector_all("#previews figure")) > 0
@@ -173,7 +173,7 @@ def test_given_a_finished_job_when_the_generate_form_is_sent_then_its_pictures_a
     excluded = ", ".join(f"[data-generation={g!r}]" for g in earlier)
     new_card = f".generation:not({excluded})" if earlier else ".generation"
     page.wait_for_selector(f"{new_card} [data-status='COMPLETED']")
-    page.wait_for_function(f'[...document.querySelectorAll("{new_card} img")].every((i) => i.complete)')
+    page.wait_for_function(f'() => [...document.querySelectorAll("{new_card} img")].every((i) => i.complete)')
     images = page.eval_on_selector_all(f"{new_card} img", "all => all.map((i) => [i.alt, i.naturalWidth])")
     assert [alt for alt, _ in images] == ["a dwjz", "a big blue square at the left on white"]
     assert all(width > 0 for _, width in images)
