@@ -153,8 +153,8 @@ class LogShipper:
         logs = self._logs()
         key = (destination.group, destination.stream)
         if key not in self._known:
-            _create_ignoring_existing(logs.create_log_group, logGroupName=destination.group)
-            _create_ignoring_existing(
+            create_ignoring_existing(logs.create_log_group, logGroupName=destination.group)
+            create_ignoring_existing(
                 logs.create_log_stream, logGroupName=destination.group, logStreamName=destination.stream
             )
             self._known.add(key)
@@ -172,7 +172,8 @@ class LogShipper:
         return self._client
 
 
-def _create_ignoring_existing(create: Callable[..., Any], **kwargs: str) -> None:
+def create_ignoring_existing(create: Callable[..., Any], **kwargs: str) -> None:
+    """A CloudWatch Logs create call where "already exists" is success (log groups and streams)."""
     try:
         create(**kwargs)
     except ClientError as exc:

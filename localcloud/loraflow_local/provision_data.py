@@ -7,6 +7,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from loraflow_local.cloud_logs import create_ignoring_existing
 from loraflow_local.intrinsics import Deployed, TemplateError
 from loraflow_local.provision_context import ProvisionContext, bucket_name
 
@@ -164,7 +165,8 @@ def create_role(ctx: ProvisionContext, logical_id: str, props: Mapping[str, Any]
 
 def create_log_group(ctx: ProvisionContext, logical_id: str, props: Mapping[str, Any]) -> Deployed:
     name = props.get("LogGroupName") or ctx.physical_name(logical_id, 512)
-    ctx.client("logs").create_log_group(logGroupName=name)
+    # On a restart a function may have logged (and so made its group) before the group's turn comes.
+    create_ignoring_existing(ctx.client("logs").create_log_group, logGroupName=name)
     if "RetentionInDays" in props:
         days = int(props["RetentionInDays"])
         ctx.client("logs").put_retention_policy(logGroupName=name, retentionInDays=days)

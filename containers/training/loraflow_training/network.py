@@ -7,16 +7,20 @@ data-parallel training wraps both and keeps their gradients in sync.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from loraflow_diffusion.families import ModelFamily, Size, TextEmbeddings
 from loraflow_shared.dataset.config import TrainingConfig
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from torch.nn.utils import parametrize
 
+FP8_STORAGE = torch.float8_e4m3fn  # kohya's fp8_base format for frozen weights
 ADAPTER_NAME = "default"  # what `add_adapter` names an adapter when given no name
 
 # Cached text embeddings, or token ids (one tensor per text encoder) to encode in the step.
@@ -57,10 +61,32 @@ def add_lora(pipe: DiffusionPipeline, family: ModelFamily, config: TrainingConfi
 
 
 def store_denoiser_in_fp8(pipe: DiffusionPipeline, family: ModelFamily) -> None:
-    """kohya's fp8_base: the frozen denoiser's weights in float8 (e4m3), each layer upcast to the compute
-    dtype for its forward (diffusers' layerwise casting; norms and embeddings stay as they are)."""
+    """kohya's fp8_base: the frozen denoiser's Linear and Conv2d weights stored in float8 (e4m3) and upcast
+    to the compute dtype on each use, skipping what diffusers' layerwise casting deems precision-critical
+    (norms, embeddings, the model's own patterns).
+
+    A parametrization rather than diffusers' `enable_layerwise_casting`: its hooks cast the parameters back
+    to float8 after each forward, under the tensors autograd saved for the backward pass, which then fails
+    ("expected scalar type Float but found Float8_e4m3fn"). Here each use gets a fresh upcast copy."""
     denoiser = family.denoiser(pipe)
-    denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=denoiser.dtype)
+    compute_dtype = denoiser.dtype
+    patterns = (*DEFAULT_SKIP_MODULES_PATTERN, *(denoiser._skip_layerwise_casting_patterns or ()))
+    skipped = re.compile("|".join(patterns))
+    for name, module in denoiser.named_modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and not skipped.search(name):
+            module.weight = torch.nn.Parameter(module.weight.detach().to(FP8_STORAGE), requires_grad=False)
+            parametrize.register_parametrization(module, "weight", _Upcast(compute_dtype), unsafe=True)
+
+
+class _Upcast(torch.nn.Module):
+    """`weight` as the layer computes with it: the stored float8 tensor in the compute dtype."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.to(self.dtype)
 
 
 def enable_gradient_checkpointing(pipe: DiffusionPipeline, family: ModelFamily, train_text: bool) -> None:

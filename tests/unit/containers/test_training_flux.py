@@ -13,6 +13,7 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from diffusion_kit import CONFIG_FILE, make_sagemaker_dirs
 from family_kit import assert_previews_render
 from loraflow_diffusion.families import family_named, family_of
+from loraflow_diffusion.families.base import Conditioning
 from loraflow_diffusion.models import load_pipeline
 from loraflow_diffusion.tiny_families import build_tiny_flux1
 from loraflow_shared.contracts import TrainingReport
@@ -94,6 +95,35 @@ def test_given_noisy_latents_when_predicted_then_shape_kept_and_guidance_changes
     assert not torch.allclose(at_one, at_four)  # [dev] embeds the guidance it trains with
 
 
+@pytest.mark.parametrize("masked", [True, False])
+def test_given_apply_t5_attn_mask_when_predicted_then_t5_padding_changes_nothing_only_with_the_mask(
+    tiny_flux: Path, tmp_path: Path, masked: bool
+) -> None:
+    pipe = load_pipeline(str(tiny_flux), device=CPU, dtype=torch.float32, cache_dir=tmp_path)
+    family = family_of(pipe)
+    family.adopt_config(pipe, TrainingConfig(apply_t5_attn_mask=masked))
+    cond = family.encode_prompts(pipe, ["ohwx", "sks dog"], (64, 64))
+    padding = (
+        pipe.tokenizer_2(["ohwx", "sks dog"], padding="max_length", return_tensors="pt").attention_mask == 0
+    )
+    noise = torch.randn(cond.encoder_hidden_states.shape, generator=torch.Generator().manual_seed(2))
+    repadded = Conditioning(
+        torch.where(padding[..., None], noise, cond.encoder_hidden_states), cond.added_cond_kwargs
+    )
+    noisy = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.3, 0.8])
+
+    with torch.no_grad():
+        plain = family.predict(pipe.transformer, noisy, t, cond)
+        other_padding = family.predict(pipe.transformer, noisy, t, repadded)
+
+    assert padding.any()
+    assert torch.allclose(plain, other_padding, atol=1e-6) is masked  # padding is ignored only under the mask
+    if masked:  # T5 itself encoded each caption under its mask, as sd-scripts does
+        t5_mask = cond.added_cond_kwargs["t5_attention_mask"]
+        assert torch.equal(t5_mask.bool(), ~padding)
+
+
 def test_given_schnell_when_predicted_then_no_guidance_embedding_is_asked_for(tmp_path: Path) -> None:
     model = build_tiny_flux1(tmp_path / "schnell", variant="schnell")
     pipe = load_pipeline(str(model), device=CPU, dtype=torch.float32, cache_dir=tmp_path)
@@ -148,6 +178,7 @@ def test_given_flux_base_when_trained_then_lora_loads_changes_output_and_preview
     config_path.write_text(config_path.read_text().replace("resolution = 64", "resolution = 72"))
     with config_path.open("a", encoding="utf-8") as config:
         config.write("t5xxl_max_token_length = 32\n")  # short prompts: T5's 512 only slow the test down
+        config.write("apply_t5_attn_mask = true\n")  # the mask through caching, batching and the loop
     for name, value in dirs.env().items():
         monkeypatch.setenv(name, value)
 
@@ -188,11 +219,13 @@ def _assert_kohya_file_has_bfl_names(kohya_file: Path) -> None:
 def test_given_sd_only_keys_when_flux_trained_then_reported_as_not_applying() -> None:
     from loraflow_training.resolve import _ignored_for_family
 
-    config = TrainingConfig(clip_skip=2, min_snr_gamma=5.0, guidance_scale=2.0)
+    config = TrainingConfig(clip_skip=2, min_snr_gamma=5.0, guidance_scale=2.0, apply_t5_attn_mask=True)
 
     notes = _ignored_for_family(config, family_named("flux1"))
     sd_notes = _ignored_for_family(config, family_named("sd15"))
+    klein_notes = _ignored_for_family(config, family_named("flux2_klein"))
 
     assert [note.split(":")[0] for note in notes] == ["clip_skip", "min_snr_gamma"]
     assert "a FLUX.1 model" in notes[0]
-    assert [note.split(":")[0] for note in sd_notes] == ["guidance_scale"]
+    assert [note.split(":")[0] for note in sd_notes] == ["apply_t5_attn_mask", "guidance_scale"]
+    assert "apply_t5_attn_mask" in [note.split(":")[0] for note in klein_notes]  # no T5 there

@@ -92,10 +92,10 @@ def test_given_fp8_base_when_trained_then_frozen_layers_are_stored_in_float8_and
 
     assert outcome.steps == 4 and np.isfinite(outcome.final_loss)
     adapted = [module for module in pipe.unet.modules() if isinstance(module, BaseTunerLayer)]
-    assert adapted and all(
-        m.base_layer.weight.dtype == torch.float8_e4m3fn for m in adapted
-    )  # upcast per forward
-    assert pipe.unet.conv_in.weight.dtype == torch.float8_e4m3fn
+    stored = [m.base_layer.parametrizations.weight.original for m in adapted]  # upcast on each use
+    assert adapted and all(weight.dtype == torch.float8_e4m3fn for weight in stored)
+    assert pipe.unet.conv_in.parametrizations.weight.original.dtype == torch.float8_e4m3fn
+    assert pipe.unet.conv_in.weight.dtype == torch.float32  # what the layer computes with
     trained = [p for p in pipe.unet.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 for p in trained)
     learned = _lora_b(pipe.unet)

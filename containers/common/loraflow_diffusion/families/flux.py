@@ -10,6 +10,7 @@ asked, CLIP-L; T5 is never trained, as in both scripts).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import cast
 
@@ -37,6 +38,10 @@ from loraflow_diffusion.families.flux_names import flux_kohya_names
 FLUX_OBJECTIVE = FlowMatchingObjective(timestep_sampling="shift", discrete_flow_shift=3.1582)
 TRAINING_GUIDANCE = 1.0
 T5_MAX_TOKENS = 512  # FLUX.1 [dev]'s; sd-scripts use 256 for [schnell]
+T5_MASK = "t5_attention_mask"  # the conditioning's key for T5's mask (`apply_t5_attn_mask`)
+# The pipelines trained with `apply_t5_attn_mask` (set by `adopt_config`; a pipeline's own state, not the
+# family's, which serves every run in the process).
+_MASKED_T5: weakref.WeakSet[DiffusionPipeline] = weakref.WeakSet()
 
 # Parameters: the published FLUX.1-dev configs (transformer/, text_encoder/, text_encoder_2/, vae/
 # config.json) built on the meta device and counted: transformer 11.90B, CLIP-L 123.1M, T5-XXL encoder
@@ -81,14 +86,17 @@ class Flux1(ModelFamily):
     ignored_config_keys = frozenset({"clip_skip", "min_snr_gamma"})
 
     def tokenize(self, pipe: DiffusionPipeline, prompts: Sequence[str]) -> list[torch.Tensor]:
-        """CLIP-L's 77 tokens and T5's up to 512, padded to their lengths, as `FluxPipeline.encode_prompt`."""
+        """CLIP-L's 77 tokens and T5's up to 512, padded to their lengths, as `FluxPipeline.encode_prompt`;
+        with `apply_t5_attn_mask`, T5's attention mask too (a third tensor)."""
         lengths = (pipe.tokenizer.model_max_length, min(T5_MAX_TOKENS, pipe.tokenizer_2.model_max_length))
-        return [
+        clip, t5 = (
             tokenizer(
                 list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-            ).input_ids
+            )
             for tokenizer, length in zip((pipe.tokenizer, pipe.tokenizer_2), lengths, strict=True)
-        ]
+        )
+        masked = [t5.attention_mask] if pipe in _MASKED_T5 else []
+        return [clip.input_ids, t5.input_ids, *masked]
 
     def encode_tokens(
         self,
@@ -97,18 +105,23 @@ class Flux1(ModelFamily):
         clip_skip: int | None = None,
     ) -> TextEmbeddings:
         """T5's last hidden state is the sequence, CLIP-L's pooled output the global conditioning."""
-        (clip, t5), (clip_ids, t5_ids) = text_encoders, token_ids
+        (clip, t5), (clip_ids, t5_ids, *mask) = text_encoders, token_ids
         pooled = clip(clip_ids, output_hidden_states=False).pooler_output
-        return TextEmbeddings(t5(t5_ids, output_hidden_states=False)[0], pooled)
+        if not mask:
+            return TextEmbeddings(t5(t5_ids, output_hidden_states=False)[0], pooled)
+        hidden = t5(t5_ids, attention_mask=mask[0], output_hidden_states=False)[0]
+        return TextEmbeddings(hidden, pooled, {T5_MASK: mask[0]})
 
     def conditioning(self, text: TextEmbeddings, size: Size) -> Conditioning:
         if text.pooled is None:
             raise ValueError("FLUX conditioning needs CLIP-L's pooled embedding")
-        return Conditioning(text.hidden_states, {"pooled_projections": text.pooled})
+        return Conditioning(text.hidden_states, {"pooled_projections": text.pooled, **text.extras})
 
     def adopt_config(self, pipe: DiffusionPipeline, config: TrainingConfig) -> None:
         if config.t5xxl_max_token_length is not None:
             pipe.tokenizer_2.model_max_length = config.t5xxl_max_token_length
+        if config.apply_t5_attn_mask:
+            _MASKED_T5.add(pipe)
 
     def predict(
         self,
@@ -136,6 +149,7 @@ class Flux1(ModelFamily):
             encoder_hidden_states=cond.encoder_hidden_states.to(dtype),
             txt_ids=text_ids,
             img_ids=image_ids,
+            joint_attention_kwargs=_joint_mask(cond, packed.shape[1]),
             return_dict=False,
         )[0]
         # `_unpack_latents` takes the image size in pixels: latent size times the VAE's factor (8).
@@ -156,3 +170,13 @@ class Flux1(ModelFamily):
             sd_v2=False,
             v_parameterization=False,
         )
+
+
+def _joint_mask(cond: Conditioning, image_tokens: int) -> dict[str, torch.Tensor] | None:
+    """With T5's mask, the joint attention's (text tokens first, then every image token), as sd-scripts
+    builds it: `[N, 1, 1, text + image]`, True where a key may be attended to; None without a mask."""
+    text_mask = cond.added_cond_kwargs.get(T5_MASK)
+    if text_mask is None:
+        return None
+    keys = torch.cat([text_mask.bool(), text_mask.new_ones((text_mask.shape[0], image_tokens)).bool()], dim=1)
+    return {"attention_mask": keys[:, None, None, :]}

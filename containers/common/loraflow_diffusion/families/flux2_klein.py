@@ -96,7 +96,7 @@ class Flux2Klein(ModelFamily):
     footprint = FLUX2_KLEIN_4B_FOOTPRINT
     # clip_skip is SD 1.x's; Min-SNR weights a DDPM loss; the T5 limit is FLUX.1's; no klein embeds guidance.
     ignored_config_keys = frozenset(
-        {"clip_skip", "min_snr_gamma", "t5xxl_max_token_length", "guidance_scale"}
+        {"clip_skip", "min_snr_gamma", "t5xxl_max_token_length", "apply_t5_attn_mask", "guidance_scale"}
     )
 
     def tokenize(self, pipe: DiffusionPipeline, prompts: Sequence[str]) -> list[torch.Tensor]:

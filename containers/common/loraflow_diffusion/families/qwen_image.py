@@ -101,7 +101,7 @@ class QwenImage(ModelFamily):
     # clip_skip is SD 1.x's; Min-SNR weights an epsilon/v loss by the DDPM schedule's SNR; T5's limit is
     # FLUX's; the transformer embeds no guidance (`guidance_embeds` false: the pipeline ignores the scale).
     ignored_config_keys = frozenset(
-        {"clip_skip", "min_snr_gamma", "t5xxl_max_token_length", "guidance_scale"}
+        {"clip_skip", "min_snr_gamma", "t5xxl_max_token_length", "apply_t5_attn_mask", "guidance_scale"}
     )
 
     def latent_channels(self, pipe: DiffusionPipeline) -> int:

@@ -70,6 +70,7 @@ FLOW_MATCHING_KEYS = frozenset(
         "sigmoid_scale",
         "model_prediction_type",
         "t5xxl_max_token_length",
+        "apply_t5_attn_mask",
     }
 )
 

@@ -91,7 +91,7 @@ class ZImage(ModelFamily):
     footprint = Z_IMAGE_FOOTPRINT
     # clip_skip is SD 1.x's; Min-SNR weights a DDPM loss; the transformer embeds no guidance; no T5 here.
     ignored_config_keys = frozenset(
-        {"clip_skip", "min_snr_gamma", "guidance_scale", "t5xxl_max_token_length"}
+        {"clip_skip", "min_snr_gamma", "guidance_scale", "t5xxl_max_token_length", "apply_t5_attn_mask"}
     )
 
     def tokenize(self, pipe: DiffusionPipeline, prompts: Sequence[str]) -> list[torch.Tensor]:

@@ -136,6 +136,9 @@ class TrainingConfig(BaseModel):
     # "sigma_scaled" are not offered: they are refused here rather than trained differently).
     model_prediction_type: Literal["raw"] | None = None
     t5xxl_max_token_length: Annotated[int, Field(ge=1, le=512)] | None = None  # T5's own limit: 512
+    # FLUX.1: T5 encodes each caption under its attention mask, and the transformer's joint attention
+    # ignores T5's padding (sd-scripts' key; its default, off, lets padding take part as FluxPipeline does).
+    apply_t5_attn_mask: bool | None = None
     # memory and precision
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     # kohya's: the frozen denoiser stored in float8 (e4m3) and upcast layer by layer for each forward
