@@ -3,8 +3,8 @@
 
 - `10_dwjz`: "dwjz" is a big red circle on white, moved around the centre (PNG; one picture captioned
   "a photo of dwjz", the others fall back to the folder's trigger, kohya's rule).
-- `5_zqxj square`: "zqxj" is a big blue square on black (JPEG; a class word, so the fallback caption is
-  "zqxj square").
+- `20_zqxj square`: "zqxj" is a big blue square on black (JPEG; a class word, so the fallback caption is
+  "zqxj square"). Half as many pictures, twice the repeats: each subject is half of every epoch.
 
 The previews ask for both triggers and for scenes without them: the base draws whatever it guesses for a
 word it does not know, the LoRA its subject, and both the same for the rest (the contact sheet shows it).
@@ -24,7 +24,7 @@ CONFIG_NAME = "kohya-sdxl-config.toml"
 # trigger -> (folder, what every picture shows, image format, pictures)
 SUBJECTS = {
     "dwjz": ("10_dwjz", Scene("red", "circle", "center", "big", "white"), "png", 8),
-    "zqxj": ("5_zqxj square", Scene("blue", "square", "center", "big", "black"), "jpg", 4),
+    "zqxj": ("20_zqxj square", Scene("blue", "square", "center", "big", "black"), "jpg", 4),
 }
 # Scenes the base knows that are neither subject: what a LoRA should leave as the base draws it.
 OTHER_SCENES = (
@@ -41,8 +41,10 @@ PREVIEW_PROMPTS = (
     "a small yellow circle at the top on black",
 )
 
-# Small enough that the whole pipeline runs in about a minute on two CPU cores; the learning rates and
-# rank are test_training_learns', measured there on the same base.
+# Small enough that the whole pipeline runs in about a minute on two CPU cores. Measured on the toy base
+# (subject hit rate, 4 prompts x 2 seeds per subject, bench/toy_world.py): with test_training_learns'
+# rank 4 and text-encoder rate 1e-4, "zqxj" was never drawn blue (0.0; dwjz 0.75, zqxj 5 repeats); the
+# text encoder at 1e-3, balanced repeats and rank 8 separate the two new words: dwjz 0.875, zqxj 0.75.
 SAMPLE_CONFIG = f"""\
 # kohya-style config; the [loraflow] table is loraflow's own.
 [model_arguments]
@@ -53,15 +55,15 @@ resolution = 64
 max_train_steps = {{steps}}
 train_batch_size = 2
 learning_rate = 1e-3
-text_encoder_lr = 1e-4
+text_encoder_lr = 1e-3
 seed = 7
 mixed_precision = "no"
 output_name = "demo-lora"
 xformers = true               # kohya key loraflow does not need (PyTorch SDPA is used): reported as ignored
 
 [network_arguments]
-network_dim = 4
-network_alpha = 4
+network_dim = 8
+network_alpha = 8
 
 [loraflow]
 preview_prompts = {json.dumps(list(PREVIEW_PROMPTS))}

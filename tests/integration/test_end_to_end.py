@@ -16,6 +16,7 @@ from loraflow_local.sample_dataset import (
     CONFIG_NAME,
     PREVIEW_PROMPTS,
     SAMPLE_DATASET_ID,
+    SUBJECTS,
     write_sample_dataset,
 )
 from PIL import Image
@@ -32,9 +33,10 @@ QUICK = {"max_train_steps": 30, "preview_steps": 4}  # a job that runs, not one 
 def _write_broken_dataset(root: Path) -> Path:
     dataset = write_sample_dataset(root / "broken-src", **QUICK)
     (dataset / "10_dwjz").rename(dataset / "ten_dwjz")  # BAD_FOLDER_NAME
-    truncated = dataset / "5_zqxj square" / "img01.jpg"
+    zqxj = SUBJECTS["zqxj"][0]  # the JPEG subject's folder
+    truncated = dataset / zqxj / "img01.jpg"
     truncated.write_bytes(truncated.read_bytes()[:-200])  # UNREADABLE_IMAGE (no EOI)
-    (dataset / "5_zqxj square" / "notes.gif").write_bytes(b"GIF89a" + b"\0" * 64)  # not an image we take
+    (dataset / zqxj / "notes.gif").write_bytes(b"GIF89a" + b"\0" * 64)  # not an image we take
     return dataset
 
 
@@ -133,8 +135,9 @@ def test_given_broken_dataset_when_uploaded_then_rejected_with_every_problem(out
     job = outcomes["jobs"][BAD_DATASET_ID]
     problems = {(p["code"], p["path"]) for p in job["errors"]}
     assert ("BAD_FOLDER_NAME", "ten_dwjz") in problems
-    assert ("UNREADABLE_IMAGE", "5_zqxj square/img01.jpg") in problems
-    assert ("UNSUPPORTED_FORMAT", "5_zqxj square/notes.gif") in problems  # never silently dropped
+    zqxj = SUBJECTS["zqxj"][0]
+    assert ("UNREADABLE_IMAGE", f"{zqxj}/img01.jpg") in problems
+    assert ("UNSUPPORTED_FORMAT", f"{zqxj}/notes.gif") in problems  # never silently dropped
     assert job.get("training") in (None, {})
 
 

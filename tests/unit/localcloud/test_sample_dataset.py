@@ -23,7 +23,7 @@ def test_given_sample_dataset_when_validated_then_accepted_with_two_subsets(tmp_
     assert report.errors == []
     assert [(s.folder, s.repeats, s.class_name) for s in report.subsets] == [
         ("10_dwjz", 10, None),
-        ("5_zqxj square", 5, "square"),
+        ("20_zqxj square", 20, "square"),
     ]
     assert report.image_count == 12
     assert report.ignored_keys == ["xformers"]
