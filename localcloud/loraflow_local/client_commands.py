@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,9 @@ def run_client_command(args: argparse.Namespace) -> int:
         return 1
     except (ClientError, BotoCoreError) as error:
         print(f"loraflow {args.command}: AWS said: {error}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as error:  # a presigned download that failed (HTTPError is one too)
+        print(f"loraflow {args.command}: a download failed: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nstopped following; the job keeps running (`loraflow cancel JOB` stops it)", file=sys.stderr)

@@ -21,6 +21,7 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from torch.nn.utils import parametrize
 
 FP8_STORAGE = torch.float8_e4m3fn  # kohya's fp8_base format for frozen weights
+STORED_WEIGHT = "parametrizations.weight.original"  # where a parametrized layer keeps its stored weight
 ADAPTER_NAME = "default"  # what `add_adapter` names an adapter when given no name
 
 # Cached text embeddings, or token ids (one tensor per text encoder) to encode in the step.
@@ -69,13 +70,17 @@ def store_denoiser_in_fp8(pipe: DiffusionPipeline, family: ModelFamily) -> None:
     to float8 after each forward, under the tensors autograd saved for the backward pass, which then fails
     ("expected scalar type Float but found Float8_e4m3fn"). Here each use gets a fresh upcast copy."""
     denoiser = family.denoiser(pipe)
-    compute_dtype = denoiser.dtype
+    computes_in = denoiser.dtype
     patterns = (*DEFAULT_SKIP_MODULES_PATTERN, *(denoiser._skip_layerwise_casting_patterns or ()))
     skipped = re.compile("|".join(patterns))
     for name, module in denoiser.named_modules():
         if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and not skipped.search(name):
             module.weight = torch.nn.Parameter(module.weight.detach().to(FP8_STORAGE), requires_grad=False)
-            parametrize.register_parametrization(module, "weight", _Upcast(compute_dtype), unsafe=True)
+            parametrize.register_parametrization(module, "weight", _Upcast(computes_in), unsafe=True)
+    # diffusers' `ModelMixin.dtype` is the first floating parameter's, which may now be float8 storage
+    # (FLUX.2 klein's first layer has no bias): names matched here are skipped there, so the model and its
+    # pipeline keep computing in `computes_in`.
+    denoiser._keep_in_fp32_modules = [*(denoiser._keep_in_fp32_modules or ()), STORED_WEIGHT]
 
 
 class _Upcast(torch.nn.Module):

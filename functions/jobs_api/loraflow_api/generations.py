@@ -46,6 +46,9 @@ if TYPE_CHECKING:
     from loraflow_api.logic import UrlSigner
 
 
+UNSENT = LoraflowError(ErrorCode.INTERNAL_ERROR, "the render could not be asked of the preview endpoint")
+
+
 class RenderSubmitter(Protocol):
     def submit(self, endpoint_name: str, request: PreviewRequest, inference: str) -> None:
         """Write the request JSON under `async-inference/requests/` and InvokeEndpointAsync it; a refusal
@@ -158,10 +161,10 @@ class Generations:
         inference = generation_inference_id(job_id, generation.generation_id)
         try:
             self._submitter.submit(endpoint, render_request(recorded, generation, self._bucket), inference)
-        except LoraflowError as exc:
-            failed = ended(
-                generation, timestamp(self._clock()), status=GenerationStatus.FAILED, error=exc.to_problem()
-            )
+        except Exception as exc:  # any refusal: the generation ends FAILED, never left PENDING
+            problem = (exc if isinstance(exc, LoraflowError) else UNSENT).to_problem()
+            at = timestamp(self._clock())
+            failed = ended(generation, at, status=GenerationStatus.FAILED, error=problem)
             self._repository.change_generations(job_id, lambda current: with_outcome(current, failed))
             raise
         return generation_view(job_id, generation, self._signer, now)

@@ -135,3 +135,19 @@ def test_given_flow_family_base_producing_nan_when_trained_then_nan_loss_and_no_
     assert dirs.failure["code"] == "NAN_LOSS" and "loss became nan at step 1" in dirs.failure["message"]
     assert not any(dirs.model.glob("*.safetensors"))
     assert not (dirs.root / "checkpoints" / "state").exists()
+
+
+def test_given_fp8_base_on_a_flow_family_when_trained_then_it_trains_in_the_compute_dtype_and_delivers(
+    tmp_path: Path, flow_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dirs = _job(tmp_path / "job", flow_model)
+    config = dirs.dataset / CONFIG_FILE
+    config.write_text(config.read_text() + "fp8_base = true\n")
+
+    _train_in_process(dirs, monkeypatch)
+
+    report = TrainingReportV2.model_validate_json((dirs.model / "training_report.json").read_text())
+    assert report.config.fp8_base and report.dtype == "float32"  # computed upcast, stored in float8
+    assert report.loss is not None and report.steps == STEPS
+    lora = load_file(dirs.model / LORA_FILE)
+    assert lora and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in lora.values())

@@ -315,6 +315,24 @@ def test_given_endpoint_refusing_when_generation_posted_then_recorded_failed_and
     assert generation.error is not None and "Rate exceeded" in generation.error.message
 
 
+def test_given_submitter_failing_unexpectedly_when_generation_posted_then_recorded_failed_not_left_pending(
+    settings: ApiSettings, repository: JobRepository, queries: JobQueries, context: FakeLambdaContext
+) -> None:
+    job_in(repository, COMPLETED_PATH)
+    generations = build_generations(settings)
+    s3 = boto3.client("s3", region_name=REGION)
+    # An S3 client on a bucket that does not exist: the request JSON cannot be written.
+    generations._submitter = AsyncRenderSubmitter(
+        s3, SageMakerAsyncEndpoints(boto3.client("sagemaker-runtime", region_name=REGION)), "no-such-bucket"
+    )
+
+    status, answer = call(queries, generations, context, post({"prompts": ["zqxj dog"]}))
+
+    assert status == 500 and answer["code"] in ("INTERNAL_ERROR", "PREVIEW_FAILED")
+    [generation] = repository.require(JOB_ID).generations
+    assert generation.status is GenerationStatus.FAILED and generation.error is not None
+
+
 def test_given_deployed_handler_when_cold_started_then_jobs_and_generations_from_its_environment(
     cloud: Cloud, repository: JobRepository, context: FakeLambdaContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:

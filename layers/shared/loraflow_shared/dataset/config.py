@@ -141,8 +141,8 @@ class TrainingConfig(BaseModel):
     apply_t5_attn_mask: bool | None = None
     # memory and precision
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    # kohya's: the frozen denoiser stored in float8 (e4m3) and upcast layer by layer for each forward
-    # (diffusers' layerwise casting); the LoRA trains in fp32. None: the memory plan turns it on only
+    # kohya's: the frozen denoiser's weights stored in float8 (e4m3) and upcast on each use (a weight
+    # parametrization); the LoRA trains in fp32. None: the memory plan turns it on only
     # when nothing else fits the GPU.
     fp8_base: bool | None = None
     gradient_checkpointing: bool | None = None
