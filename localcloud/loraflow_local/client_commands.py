@@ -26,7 +26,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from loraflow_local.follow import follow_job
+from loraflow_local.follow import FollowTimedOut, follow_job
 from loraflow_local.generate_command import add_generate_parser, run_generate
 from loraflow_local.job_files import save_job_files
 from loraflow_local.jobs_api import ApiError, JobsApi
@@ -60,6 +60,12 @@ def add_client_parsers(commands: Any) -> None:
     train.add_argument("--dataset", help="the dataset's name in the bucket (default: the folder's name)")
     train.add_argument("--wait", action="store_true", help="follow the job until it ends")
     train.add_argument("--download", type=Path, metavar="OUT", help="with --wait: fetch the job's files here")
+    train.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="with --wait: stop following after this long, exit 1 (the job keeps running)",
+    )
     jobs = commands.add_parser("jobs", parents=[target, as_json], help="the latest jobs, newest first")
     jobs.add_argument("--dataset", help="only this dataset's jobs")
     for name, text in (("show", "one job"), ("cancel", "stop a job"), ("retry", "run an ended job again")):
@@ -84,7 +90,7 @@ def run_client_command(args: argparse.Namespace) -> int:
         if args.command == "doctor":
             return _doctor(args)
         return _COMMANDS[args.command](args, resolve(target))
-    except (CommandError, TargetError, ApiError) as error:
+    except (CommandError, TargetError, ApiError, FollowTimedOut) as error:
         print(f"loraflow {args.command}: {error}", file=sys.stderr)
         return 1
     except (ClientError, BotoCoreError) as error:
@@ -96,6 +102,16 @@ def run_client_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nstopped following; the job keeps running (`loraflow cancel JOB` stops it)", file=sys.stderr)
         return 130
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def _api(endpoints: Endpoints) -> JobsApi:
@@ -125,7 +141,7 @@ def _train(args: argparse.Namespace, endpoints: Endpoints) -> int:
     if not args.wait:
         print(f"job {job['job_id']}: {job['status']}; follow it with `loraflow show {job['job_id']}`")
         return 0
-    job = follow_job(api, job["job_id"])
+    job = follow_job(api, job["job_id"], timeout_s=args.timeout)
     _print_problems(job)
     if args.download is not None and job["status"] == "COMPLETED":
         files = save_job_files(job, args.download)

@@ -12,6 +12,9 @@ from loraflow_local.job_files import CONTACT_SHEET_NAME
 from loraflow_local.sample_dataset import SAMPLE_DATASET_ID, write_sample_dataset
 
 STATE_FOLDER = "localcloud"  # under the output folder: the demo's cloud, kept for the gallery
+# The demo's job takes about a minute on 2 CPU cores; a job still running after this is stuck, and the
+# demo says so (exit 1) rather than wait for ever.
+JOB_TIMEOUT_S = 600.0
 
 
 def run_demo(output: Path, state_dir: Path | None = None) -> int:
@@ -31,7 +34,7 @@ def run_demo(output: Path, state_dir: Path | None = None) -> int:
             dataset = write_sample_dataset(work)
             argv = ["train", str(dataset), "--dataset", SAMPLE_DATASET_ID, "--local", str(cloud.state_dir)]
             print(f"$ loraflow {' '.join(argv)} --wait --download {output}")
-            code = main([*argv, "--wait", "--download", str(output)])
+            code = main([*argv, "--wait", "--download", str(output), "--timeout", f"{JOB_TIMEOUT_S:.0f}"])
             print(f"demo finished in {time.monotonic() - started:.1f}s")
             _print_where(output, state)
             return code

@@ -15,14 +15,21 @@ from loraflow_local.jobs_api import JobsApi
 POLL_S = 2.0
 
 
+class FollowTimedOut(Exception):
+    """The job had not ended when the follower's time was up (the job itself keeps running)."""
+
+
 def follow_job(
     api: JobsApi,
     job_id: str,
     say: Callable[[str], None] = print,
     poll_s: float = POLL_S,
     progress: Callable[..., Any] = tqdm,
+    timeout_s: float | None = None,
 ) -> dict[str, Any]:
+    """The job once it ends; `FollowTimedOut` if it has not within `timeout_s` (None: no limit)."""
     status, bar = None, None
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         job = api.job(job_id)
         if job["status"] != status:
@@ -34,6 +41,12 @@ def follow_job(
         if status in TERMINAL_STATUSES:
             _close(bar, finished=False)
             return job
+        if deadline is not None and time.monotonic() >= deadline:
+            _close(bar, finished=False)
+            raise FollowTimedOut(
+                f"job {job_id} is still {status} after {timeout_s:.0f} s; it keeps running "
+                f"(`loraflow show {job_id}` follows it, `loraflow cancel {job_id}` stops it)"
+            )
         time.sleep(poll_s)
 
 

@@ -32,6 +32,9 @@ class FamilyFacts:
     compute: ComputeClass
     # The family's published base models on the Hugging Face Hub (lower case), recognised by id alone.
     hub_repos: frozenset[str]
+    # Whether its pipeline takes a negative prompt (FLUX.2 klein's does not): a generation asking for one
+    # is refused when it is asked for, not when it renders.
+    takes_negative_prompt: bool = True
 
 
 # Compute: a LoRA on a bf16 base with cached text embeddings and gradient checkpointing needs about the
@@ -67,6 +70,7 @@ FAMILY_FACTS: tuple[FamilyFacts, ...] = (
         frozenset(
             f"black-forest-labs/flux.2-klein-{kind}{size}" for kind in ("", "base-") for size in ("4b", "9b")
         ),
+        takes_negative_prompt=False,
     ),
     FamilyFacts(
         "qwen_image", "Qwen-Image", frozenset({"QwenImagePipeline"}), "large", frozenset({"qwen/qwen-image"})

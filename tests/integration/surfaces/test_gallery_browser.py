@@ -165,6 +165,8 @@ def test_given_a_finished_job_when_the_generate_form_is_sent_then_its_pictures_a
     earlier = [
         g["generation_id"] for g in JobsApi(endpoints.api_url, endpoints.api_key).job(job_id)["generations"]
     ]
+    fetched: list[str] = []  # each finished generation's own GET, which the page should make once
+    page.on("request", lambda r: fetched.append(r.url) if "/generations/" in r.url else None)
     page.goto(page.url.split("#")[0] + f"#/jobs/{job_id}")
     page.fill("#generate-prompts", "a dwjz\na big blue square at the left on white")
     page.fill("#generate-steps", "2")
@@ -177,3 +179,5 @@ def test_given_a_finished_job_when_the_generate_form_is_sent_then_its_pictures_a
     images = page.eval_on_selector_all(f"{new_card} img", "all => all.map((i) => [i.alt, i.naturalWidth])")
     assert [alt for alt, _ in images] == ["a dwjz", "a big blue square at the left on white"]
     assert all(width > 0 for _, width in images)
+    page.evaluate("async () => { await route(); await route(); }")  # two more refreshes, as polling does
+    assert fetched and len(fetched) == len(set(fetched)), "a finished generation was fetched again"

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
+from loraflow_diffusion.families import FAMILIES
+from loraflow_diffusion.families.flux2_klein import Flux2Klein
 from loraflow_diffusion.families.qwen_image import QwenImage
 from loraflow_diffusion.families.stable_diffusion import StableDiffusion15
 
@@ -48,4 +51,14 @@ def test_given_true_cfg_family_when_guidance_given_then_its_true_cfg_scale_over_
 
 def test_given_pipeline_without_negative_prompt_when_one_asked_then_refused_not_ignored() -> None:
     with pytest.raises(ValueError, match="takes no negative prompt"):
-        StableDiffusion15().sampling_arguments(_WithoutNegativePrompt(), negative_prompt="blurry")  # type: ignore[arg-type]
+        Flux2Klein().sampling_arguments(_WithoutNegativePrompt(), negative_prompt="blurry")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda family: family.name)
+def test_given_each_family_when_its_facts_say_whether_it_takes_a_negative_prompt_then_its_pipeline_agrees(
+    family: Any,
+) -> None:
+    """The API refuses a negative prompt from the family's facts (no torch there): they must be right."""
+    parameters = inspect.signature(family.pipeline_class.__call__).parameters
+
+    assert family.facts.takes_negative_prompt == ("negative_prompt" in parameters)

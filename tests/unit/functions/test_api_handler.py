@@ -10,6 +10,7 @@ import pytest
 from functions_aws import ARTIFACTS_BUCKET, Cloud, FakeLambdaContext, load_event
 from loraflow_api import app
 from loraflow_api.adapters import build_queries
+from loraflow_api.gallery import page
 from loraflow_api.logic import JobQueries
 from loraflow_api.settings import ApiSettings
 from loraflow_shared.contracts import LossPoint
@@ -216,3 +217,14 @@ def test_given_the_root_path_when_fetched_then_the_gallery_page_served_with_a_st
     assert "localStorage.getItem(KEY_STORE)" in response["body"]
     # Nothing is fetched from elsewhere: the only absolute URL is SVG's namespace name.
     assert set(re.findall(r"https?://[^\s\"'`]+", response["body"])) == {"http://www.w3.org/2000/svg"}
+
+
+def test_given_the_gallery_page_when_served_then_it_carries_the_apis_own_statuses_and_bounds() -> None:
+    constants = json.loads(
+        re.findall(r'<script id="loraflow-constants" type="application/json">(.*?)</script>', page())[0]
+    )
+
+    assert constants["unfinished_statuses"] == ["VALIDATING", "QUEUED", "TRAINING", "GENERATING_PREVIEWS"]
+    assert constants["retryable_statuses"] == ["CANCELLED", "FAILED"]
+    assert constants["lora_scale"] == {"minimum": -2, "maximum": 2}
+    assert constants["steps"] == {"minimum": 1, "maximum": 150}

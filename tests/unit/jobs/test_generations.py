@@ -139,6 +139,22 @@ def test_given_request_without_settings_when_resolved_then_the_job_preview_setti
     assert (settings.negative_prompt, settings.guidance) == (None, None)
 
 
+@pytest.mark.parametrize(("family", "refused"), [("flux2_klein", True), ("flux1", False), (None, False)])
+def test_given_negative_prompt_when_the_jobs_family_takes_none_then_bad_request_before_rendering(
+    family: str | None, refused: bool
+) -> None:
+    request = GenerationRequest.model_validate({"prompts": ["a"], "negative_prompt": "blurry"})
+    job = completed_job(model_family=family)
+
+    if not refused:  # a family that takes one, or one not recorded (the endpoint still refuses)
+        assert generation_settings(job, request).negative_prompt == "blurry"
+        return
+    with pytest.raises(LoraflowError) as error:
+        generation_settings(job, request)
+    assert error.value.code is ErrorCode.BAD_REQUEST
+    assert "FLUX.2 klein takes no negative_prompt" in error.value.message
+
+
 def test_given_request_over_the_preview_budget_when_resolved_then_bad_request_with_the_estimate() -> None:
     request = GenerationRequest.model_validate({"prompts": ["a"] * 8, "steps": 150, "resolution": 1024})
 

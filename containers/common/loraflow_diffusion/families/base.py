@@ -10,7 +10,6 @@ export names and metadata; its memory footprint; and its defaults.
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -306,7 +305,7 @@ class ModelFamily(ABC):
         takes no negative prompt refuses one (ValueError) rather than ignore it."""
         arguments = self.preview_arguments(pipe)
         if negative_prompt is not None:
-            if "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
+            if not self.facts.takes_negative_prompt:  # the API refuses it first; a direct call too
                 raise ValueError(f"{type(pipe).__name__} takes no negative prompt")
             arguments["negative_prompt"] = negative_prompt
         if guidance is not None:

@@ -35,6 +35,7 @@ from loraflow_shared.dataset.preview_budget import (
     estimated_render_seconds,
 )
 from loraflow_shared.errors import ErrorCode, LoraflowError, Problem
+from loraflow_shared.families import facts_named
 from loraflow_shared.jobs.errors import JobStateConflict, TooManyGenerations
 from loraflow_shared.jobs.model import (
     Generation,
@@ -98,6 +99,8 @@ def generation_settings(job: Job, request: GenerationRequest) -> GenerationSetti
     preview = job.preview
     if preview is None:
         raise LoraflowError(ErrorCode.INTERNAL_ERROR, f"job {job.job_id} has no preview settings")
+    if request.negative_prompt is not None:
+        _require_negative_prompts(job)
     settings = GenerationSettings(
         steps=request.steps if request.steps is not None else preview.steps,
         resolution=request.resolution if request.resolution is not None else preview.resolution,
@@ -119,6 +122,16 @@ def generation_settings(job: Job, request: GenerationRequest) -> GenerationSetti
             "a smaller resolution",
         )
     return settings
+
+
+def _require_negative_prompts(job: Job) -> None:
+    """A family whose pipeline takes no negative prompt refuses one (400) before anything renders."""
+    family = facts_named(job.model_family) if job.model_family else None
+    if family is not None and not family.takes_negative_prompt:
+        raise LoraflowError(
+            ErrorCode.BAD_REQUEST,
+            f"{family.label} takes no negative_prompt (its pipeline has none): leave it out",
+        )
 
 
 def require_generatable(job: Job) -> None:
