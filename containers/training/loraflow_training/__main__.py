@@ -168,7 +168,7 @@ def _persistence(
     is_main: bool,
 ) -> Persistence:
     run = prepared.run
-    targets = target_modules(prepared.family, run.train_text_encoder)
+    targets = target_modules(prepared.family, prepared.parsed.config, run.train_text_encoder)
     # A checkpoint of another LoRA, base model or applied config is refused, never silently mixed in.
     identity = CheckpointIdentity.for_run(
         applied_config(prepared.parsed.config, run), hyperparameters.base_model, targets

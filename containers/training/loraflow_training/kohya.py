@@ -53,6 +53,8 @@ class BaseModelFacts:
     model: ExportFacts  # from the family's specification
     network_dim: int
     network_alpha: float
+    # kohya's `network_args` the network was trained with (LoCon: conv_dim, conv_alpha), as strings.
+    network_args: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,8 @@ def kohya_metadata(inputs: LoraMetadataInputs, base: BaseModelFacts, output_name
         "ss_reg_dataset_dirs": json.dumps(_dataset_dirs(reg)),
         **_config_metadata(config),
     }
+    if base.network_args:  # sd-scripts writes it only when the network had arguments
+        metadata["ss_network_args"] = json.dumps(base.network_args)
     metadata.update(_modelspec(inputs, base, output_name))
     return {key: _as_text(value) for key, value in metadata.items()}
 

@@ -28,14 +28,30 @@ ADAPTER_NAME = "default"  # what `add_adapter` names an adapter when given no na
 TextInput = TextEmbeddings | list[torch.Tensor]
 
 
-def lora_config(config: TrainingConfig, targets: Sequence[str]) -> LoraConfig:
+def lora_config(config: TrainingConfig, targets: Sequence[str], convs: Sequence[str] = ()) -> LoraConfig:
+    """A LoRA on `targets`; those of them in `convs` take kohya's conv_dim and conv_alpha."""
+    conv = config.network_args
     return LoraConfig(
         r=config.network_dim,
         # kohya's alpha may be fractional; peft annotates int but only ever computes alpha / r.
         lora_alpha=config.network_alpha,  # type: ignore[arg-type]
         init_lora_weights="gaussian",
         target_modules=list(targets),
+        # peft matches these names as whole trailing path parts (`conv` is a sampler's, never `conv1`).
+        rank_pattern={name: conv.conv_dim for name in convs},
+        alpha_pattern={name: conv.conv_scale_alpha for name in convs},
     )
+
+
+def trains_convolutions(family: ModelFamily, config: TrainingConfig) -> bool:
+    """kohya's LoCon: `network_args` conv_dim, on a family whose denoiser has convolutions."""
+    return config.network_args.conv_dim is not None and bool(family.conv_target_modules)
+
+
+def denoiser_targets(family: ModelFamily, config: TrainingConfig) -> tuple[str, ...]:
+    if not trains_convolutions(family, config):
+        return family.denoiser_target_modules
+    return (*family.denoiser_target_modules, *family.conv_target_modules, *family.conv_block_modules)
 
 
 def trained_modules(pipe: DiffusionPipeline, family: ModelFamily, train_text: bool) -> dict[str, Any]:
@@ -44,10 +60,10 @@ def trained_modules(pipe: DiffusionPipeline, family: ModelFamily, train_text: bo
     return {name: getattr(pipe, name) for name in names}
 
 
-def target_modules(family: ModelFamily, train_text: bool) -> list[str]:
+def target_modules(family: ModelFamily, config: TrainingConfig, train_text: bool) -> list[str]:
     """Every module name the run's LoRA targets (what a checkpoint's identity records)."""
     text = list(family.text_encoder_target_modules) if train_text else []
-    return [*family.denoiser_target_modules, *text]
+    return [*denoiser_targets(family, config), *text]
 
 
 def add_lora(pipe: DiffusionPipeline, family: ModelFamily, config: TrainingConfig, train_text: bool) -> None:
@@ -55,9 +71,12 @@ def add_lora(pipe: DiffusionPipeline, family: ModelFamily, config: TrainingConfi
     for name in family.frozen_components():
         getattr(pipe, name).requires_grad_(False)
     for name, module in trained_modules(pipe, family, train_text).items():
-        is_denoiser = name == family.denoiser_name
-        targets = family.denoiser_target_modules if is_denoiser else family.text_encoder_target_modules
-        module.add_adapter(lora_config(config, targets))
+        if name == family.denoiser_name:
+            convs = family.conv_target_modules if trains_convolutions(family, config) else ()
+            adapter = lora_config(config, denoiser_targets(family, config), convs)
+        else:
+            adapter = lora_config(config, family.text_encoder_target_modules)
+        module.add_adapter(adapter)
         cast_training_params(module, dtype=torch.float32)
 
 

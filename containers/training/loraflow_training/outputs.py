@@ -131,4 +131,15 @@ def base_model_facts(pipe: DiffusionPipeline, loras: Sequence[ComponentLora]) ->
         model=family_of(pipe).export_facts(pipe),
         network_dim=int(network["r"]),
         network_alpha=float(network["lora_alpha"]),
+        network_args=_conv_args(network),
     )
+
+
+def _conv_args(adapter_config: dict[str, Any]) -> dict[str, str]:
+    """kohya's conv_dim/conv_alpha from the adapter's rank and alpha patterns (`network.lora_config` puts
+    the convolutions' there, and nothing else); {} for a LoRA without them."""
+    ranks, alphas = adapter_config.get("rank_pattern") or {}, adapter_config.get("alpha_pattern") or {}
+    if not ranks:
+        return {}
+    rank, alpha = next(iter(ranks.values())), next(iter(alphas.values()))
+    return {"conv_dim": str(rank), "conv_alpha": str(float(alpha))}

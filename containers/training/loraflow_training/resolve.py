@@ -79,6 +79,8 @@ def _ignored_for_family(config: TrainingConfig, family: ModelFamily) -> list[str
         if key == "clip_skip" and config.sdxl is not None:
             continue  # `sdxl = true` with clip_skip: validation reported it already
         notes.append(f"{key}: does not apply to {family.description}; ignored")
+    if config.network_args.conv_dim is not None and not family.conv_target_modules:
+        notes.append(f"network_args conv_dim: {family.description} has no convolutions to adapt; ignored")
     return notes
 
 

@@ -16,10 +16,10 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 from diffusion_kit import render_ohwx
-from loraflow_diffusion.families import SupportedPipeline
+from loraflow_diffusion.families import SupportedPipeline, family_of
 from loraflow_diffusion.families.base import ExportFacts
 from loraflow_diffusion.tiny import build_tiny_sdxl
-from loraflow_shared.dataset.config import TrainingConfig
+from loraflow_shared.dataset.config import NetworkArgs, TrainingConfig
 from loraflow_training.kohya import (
     _CONFIG_KEYS,
     _RENAMED,
@@ -30,6 +30,7 @@ from loraflow_training.kohya import (
     sd_model_name,
     to_kohya_state_dict,
 )
+from loraflow_training.network import denoiser_targets, lora_config
 from loraflow_training.outputs import LORA_WEIGHTS_NAME, SavedLora, save_lora
 from peft import LoraConfig
 from safetensors import safe_open
@@ -44,6 +45,11 @@ TARGETS = {
     "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"],
     "text_encoder_2": ["q_proj", "k_proj", "v_proj", "out_proj"],
 }
+CONFIG = TrainingConfig.model_validate({"resolution": 64, "network_dim": RANK, "network_alpha": ALPHA})
+CONV_RANK, CONV_ALPHA = 2, 3.0  # LoCon: the convolutions' own rank and alpha (scale 1.5, not the 0.5 above)
+CONV_CONFIG = CONFIG.model_copy(
+    update={"network_args": NetworkArgs(conv_dim=CONV_RANK, conv_alpha=CONV_ALPHA)}
+)
 SAME_IMAGE = 1e-4  # max abs pixel difference (0-1 scale) for "identical" renders
 STARTED = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 FINISHED = datetime(2026, 3, 1, 12, 5, 30, tzinfo=UTC)
@@ -74,12 +80,19 @@ def _load(pipeline_class: type[SupportedPipeline], model: Path) -> SupportedPipe
     return pipe
 
 
-def _add_random_lora(pipe: SupportedPipeline, components: tuple[str, ...]) -> None:
+def _adapter(pipe: SupportedPipeline, name: str, convs: bool) -> LoraConfig:
+    if not (convs and name == "unet"):
+        return LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS[name])  # type: ignore[arg-type]
+    family = family_of(pipe)  # LoCon: the adapter training adds with conv_dim/conv_alpha
+    return lora_config(CONV_CONFIG, denoiser_targets(family, CONV_CONFIG), family.conv_target_modules)
+
+
+def _add_random_lora(pipe: SupportedPipeline, components: tuple[str, ...], convs: bool = False) -> None:
     """Adapters as training adds them, then random up *and* down weights (a fresh LoRA's up is zero)."""
     generator = torch.Generator().manual_seed(0)
     for name in components:
         module = getattr(pipe, name)
-        module.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS[name]))  # type: ignore[arg-type]
+        module.add_adapter(_adapter(pipe, name, convs))
         with torch.no_grad():
             for param_name, param in module.named_parameters():
                 if "lora_" in param_name:
@@ -88,7 +101,7 @@ def _add_random_lora(pipe: SupportedPipeline, components: tuple[str, ...]) -> No
 
 def _metadata_inputs(base_model: str) -> LoraMetadataInputs:
     return LoraMetadataInputs(
-        config=TrainingConfig.model_validate({"resolution": 64, "network_dim": RANK, "network_alpha": ALPHA}),
+        config=CONFIG,
         base_model=base_model,
         steps=12,
         epochs=2,
@@ -100,11 +113,15 @@ def _metadata_inputs(base_model: str) -> LoraMetadataInputs:
 
 
 def _export(
-    pipeline_class: type[SupportedPipeline], model: Path, components: tuple[str, ...], model_dir: Path
+    pipeline_class: type[SupportedPipeline],
+    model: Path,
+    components: tuple[str, ...],
+    model_dir: Path,
+    convs: bool = False,
 ) -> Export:
     pipe = _load(pipeline_class, model)
     base = render_ohwx(pipe)
-    _add_random_lora(pipe, components)
+    _add_random_lora(pipe, components, convs)
     in_memory = render_ohwx(pipe)
     saved = save_lora(model_dir, pipe, OUTPUT_NAME, _metadata_inputs(str(model)))
     renders = []
@@ -158,6 +175,26 @@ def test_given_sdxl_lora_on_unet_and_both_text_encoders_when_kohya_file_loaded_t
     _assert_same_images(sdxl_export)
 
 
+@pytest.mark.parametrize("pipeline_class", [StableDiffusionPipeline, StableDiffusionXLPipeline])
+def test_given_lora_on_the_convolutions_too_when_both_files_loaded_then_same_images_with_kohya_conv_shapes(
+    pipeline_class: type[SupportedPipeline], tiny_model: Path, tiny_sdxl: Path, tmp_path: Path
+) -> None:
+    model = tiny_model if pipeline_class is StableDiffusionPipeline else tiny_sdxl
+
+    export = _export(pipeline_class, model, ("unet",), tmp_path, convs=True)
+
+    _assert_same_images(export)
+    tensors = load_file(export.saved.kohya_file)
+    convs = {
+        key.split(".")[0] for key, tensor in tensors.items() if tensor.ndim == 4 and tensor.shape[-1] == 3
+    }
+    assert convs  # kohya's LoCon layout: a 3x3 down [rank, in, 3, 3], a 1x1 up [out, rank, 1, 1]
+    assert all(tensors[f"{module}.lora_down.weight"].shape[0] == CONV_RANK for module in convs)
+    assert all(tensors[f"{module}.lora_up.weight"].shape[-2:] == (1, 1) for module in convs)
+    assert {tensors[f"{module}.alpha"].item() for module in convs} == {CONV_ALPHA}
+    assert json.loads(export.saved.metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "3.0"}
+
+
 def _modules_by_prefix(path: Path) -> dict[str, set[str]]:
     """kohya module name -> the tensor suffixes it has (lora_down.weight, lora_up.weight, alpha)."""
     modules: dict[str, set[str]] = {}
@@ -207,6 +244,7 @@ def test_given_export_when_metadata_read_then_ss_keys_and_payload_hash(
     assert metadata["sshs_model_hash"] == hashlib.sha256(path.read_bytes()[8 + header_size :]).hexdigest()
     assert {key: metadata[key] for key in sd_export.saved.metadata} == sd_export.saved.metadata
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2.0"
+    assert "ss_network_args" not in metadata  # sd-scripts writes it only for a network with arguments
     assert metadata["ss_base_model_version"] == "sd_v1"
     assert metadata["ss_sd_model_name"] == tiny_model.name  # the folder's name, never the full path
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"

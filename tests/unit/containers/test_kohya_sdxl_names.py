@@ -130,12 +130,14 @@ def tree(request: pytest.FixtureRequest, tiny_sdxl: Path) -> UnetTree:
     )
 
 
-def _unet_tree(name: str, config: dict[str, Any]) -> UnetTree:
+def _unet_tree(
+    name: str, config: dict[str, Any], targets: tuple[str, ...] = SDXL.denoiser_target_modules
+) -> UnetTree:
     """The UNet on the meta device (no memory, no weights), the LoRA added as training adds it."""
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
         keys = list(unet.state_dict())
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=list(SDXL.denoiser_target_modules)))
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=list(targets)))
     # The names are what matter: a different one-number tensor for each (kohya.py copies them to the CPU).
     lora_keys = get_peft_model_state_dict(unet)
     weights = {key: torch.tensor([float(index)]) for index, key in enumerate(lora_keys)}
@@ -360,3 +362,25 @@ def test_given_tiny_sdxl_lora_when_kohya_file_has_sd_scripts_names_then_renders_
     assert np.array_equal(from_sgm_names, from_diffusers_names)  # diffusers maps them to the same tensors
     assert np.abs(from_sgm_names - from_diffusers).max() < SAME_IMAGE
     assert np.abs(from_sgm_names - base).max() > 0.05
+
+
+def test_given_lora_on_sdxl_bases_convolutions_when_clients_map_names_then_every_module_found() -> None:
+    """LoCon (`network_args` conv_dim): the resnets' and samplers' layers, in sd-scripts' names, reach
+    the same weight in ComfyUI as their diffusers-path names, and A1111 finds every one."""
+    targets = (*SDXL.denoiser_target_modules, *SDXL.conv_target_modules, *SDXL.conv_block_modules)
+    tree = _unet_tree("sdxl-base-1.0", SDXL_BASE_UNET_CONFIG, targets)
+    unet_map = comfyui_unet_to_diffusers(tree.config)
+    key_map = comfyui_lora_key_map((unet_map[key] for key in tree.keys), unet_map)
+    layers = a1111_layer_names(unet_map[key] for key in tree.keys)
+    converted = sai_names(tree.kohya, tree.config)
+
+    modules = {_module(new): _module(old) for new, old in zip(converted, tree.kohya, strict=True)}
+
+    # 17 resnets (conv1, conv2, time_emb_proj), 11 shortcuts, 2 down- and 2 upsamplers; 560 attention.
+    assert len(modules) == 17 * 3 + 11 + 4 + TARGETED_MODULES["sdxl-base-1.0"]
+    assert {new: key_map.get(new) for new in modules} == {new: key_map[old] for new, old in modules.items()}
+    assert all(
+        a1111_unet_module(new, layers) == new.replace("lora_unet_", "diffusion_model_", 1) for new in modules
+    )
+    assert "lora_unet_input_blocks_2_0_in_layers_2" in modules  # down_blocks.0.resnets.1.conv1
+    assert "lora_unet_output_blocks_5_2_conv" in modules  # up_blocks.1.upsamplers.0.conv

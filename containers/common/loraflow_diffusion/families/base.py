@@ -178,6 +178,11 @@ class ModelFamily(ABC):
     # LoRA targets, after diffusers' LoRA training scripts for the family.
     denoiser_target_modules: ClassVar[tuple[str, ...]]
     text_encoder_target_modules: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    # With kohya's `network_args` conv_dim (LoCon): the denoiser's 3x3 convolutions, at conv_dim/conv_alpha,
+    # and the other layers of the blocks that hold them, at network_dim/alpha (sd-scripts' choice). Empty
+    # for a family without convolutions to adapt (a transformer): conv_dim is then reported and ignored.
+    conv_target_modules: ClassVar[tuple[str, ...]] = ()
+    conv_block_modules: ClassVar[tuple[str, ...]] = ()
     # Image sides the denoiser takes: the VAE's factor, times the patch size of a packed-latent transformer.
     pixel_multiple: ClassVar[int] = 8
     # Whether kohya's `clip_skip` applies (SD 1.x only; kohya ignores it for SDXL).

@@ -81,6 +81,10 @@ class _UNetFamily(ModelFamily):
     denoiser_name = "unet"
     # The UNet's attention projections, as diffusers' train_dreambooth_lora scripts target them.
     denoiser_target_modules = ("to_k", "to_q", "to_v", "to_out.0")
+    # sd-scripts' LoCon: every Conv2d 3x3 of ResnetBlock2D, Downsample2D and Upsample2D (their `conv`),
+    # plus the resnets' time projection and 1x1 shortcut.
+    conv_target_modules = ("conv1", "conv2", "conv")
+    conv_block_modules = ("time_emb_proj", "conv_shortcut")
     objective = DdpmObjective()
     ignored_config_keys = FLOW_MATCHING_KEYS
 

@@ -127,7 +127,8 @@ def fit_denoiser(
     empty = _token_ids(pipe, [""])
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     snr = compute_snr(noise_scheduler, torch.arange(noise_scheduler.config.num_train_timesteps))
-    weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr  # Min-SNR-5, epsilon prediction
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / (snr + 1 if v_prediction else snr)  # Min-SNR-5
     unet, text_encoder = pipe.unet, pipe.text_encoder
     averaged = copy.deepcopy(pipe)
     optimiser = torch.optim.AdamW(
@@ -150,7 +151,8 @@ def fit_denoiser(
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
         hidden = text_encoder(batch_ids)[0]
         prediction = unet(noisy, timesteps, hidden).sample
-        loss = ((prediction - noise).pow(2).mean(dim=(1, 2, 3)) * weights[timesteps]).mean()
+        target = noise_scheduler.get_velocity(clean, noise, timesteps) if v_prediction else noise
+        loss = ((prediction - target).pow(2).mean(dim=(1, 2, 3)) * weights[timesteps]).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text_encoder.parameters()], 1.0)
         optimiser.step()

@@ -74,6 +74,43 @@ class LoraflowSettings(BaseModel):
     preview_seed: Seed = 0  # prompt i renders with preview_seed + i (i < MAX_PREVIEW_PROMPTS)
 
 
+# kohya's `network_args` conv_alpha when only conv_dim is given (sd-scripts' networks/lora.py).
+DEFAULT_CONV_ALPHA = 1.0
+NETWORK_ARGS_FORM = 'a list of "name=value" strings, e.g. ["conv_dim=8", "conv_alpha=4"]'
+
+
+class NetworkArgs(BaseModel):
+    """kohya's `network_args` (`["conv_dim=8", "conv_alpha=4"]`): LoRA on the 3x3 convolutions too
+    (sd-scripts' LoCon, "LoRA-C3Lier"). Others (LyCORIS' `algo`, dropouts, block weights) are kept as
+    extras and reported as ignored."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+
+    # The same bounds as network_dim and network_alpha: the convolutions' rank and alpha.
+    conv_dim: Annotated[int, Field(ge=1, le=1024)] | None = None
+    conv_alpha: Annotated[float, Field(gt=0, le=1024)] | None = None
+
+    @model_validator(mode="after")
+    def _alpha_needs_dim(self) -> Self:
+        if self.conv_alpha is not None and self.conv_dim is None:
+            raise ValueError("conv_alpha is set without conv_dim: set conv_dim to train the convolutions")
+        return self
+
+    @property
+    def conv_scale_alpha(self) -> float:
+        return self.conv_alpha if self.conv_alpha is not None else DEFAULT_CONV_ALPHA
+
+    @property
+    def ignored(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+    def as_kohya(self) -> dict[str, str]:
+        """The arguments applied, as sd-scripts records them (`ss_network_args`, strings); {} for none."""
+        if self.conv_dim is None:
+            return {}
+        return {"conv_dim": str(self.conv_dim), "conv_alpha": str(self.conv_scale_alpha)}
+
+
 # Every family `loraflow_diffusion.families` specifies (a test keeps the two lists equal).
 ModelFamilyName = Literal["sd15", "sdxl", "flux1", "flux2_klein", "qwen_image", "z_image"]
 # How flow-matching training draws t (sd-scripts' `timestep_sampling`): uniform; sigmoid of a normal draw
@@ -100,6 +137,7 @@ class TrainingConfig(BaseModel):
     # The update is scaled by alpha / rank: an alpha above the largest rank only amplifies the learning rate.
     network_alpha: Annotated[float, Field(gt=0, le=1024)] = 8
     network_train_unet_only: bool | None = None
+    network_args: NetworkArgs = Field(default_factory=NetworkArgs)
     # steps and batches
     resolution: tuple[ImageSide, ImageSide] = (512, 512)  # (width, height)
     # Step, epoch and batch counts: no consumer has a range limit (Python ints, DynamoDB numbers); these are
@@ -186,6 +224,20 @@ class TrainingConfig(BaseModel):
         if isinstance(value, list | tuple) and len(value) == 1:
             return (value[0], value[0])
         return value
+
+    @field_validator("network_args", mode="before")
+    @classmethod
+    def _kohya_network_args(cls, value: Any) -> Any:
+        """kohya writes them as `["conv_dim=8", "conv_alpha=4"]`."""
+        if isinstance(value, NetworkArgs | dict):
+            return value
+        if not isinstance(value, list) or not all(isinstance(item, str) and "=" in item for item in value):
+            raise ValueError(f"expected {NETWORK_ARGS_FORM}")
+        pairs = [item.split("=", 1) for item in value]
+        names = [name.strip() for name, _ in pairs]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"{', '.join(twice)} given more than once")
+        return {name: argument.strip() for name, (_, argument) in zip(names, pairs, strict=True)}
 
     @field_validator("optimizer_type", mode="before")
     @classmethod
@@ -316,6 +368,7 @@ def parse_config(text: bytes, path: str) -> ParsedConfig:
         config = None
     if problems or config is None:
         raise ValidationFailed(_at_most(MAX_CONFIG_PROBLEMS, problems, "problems in the config"))
+    ignored += [f"network_args {name}" for name in config.network_args.ignored]
     return ParsedConfig(config=config, ignored_keys=ignored)
 
 
