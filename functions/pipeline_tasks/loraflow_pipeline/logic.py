@@ -28,6 +28,7 @@ from loraflow_shared.jobs.model import (
     Preview,
     execution_name,
     inference_id,
+    job_prefix,
     preview_cancel_key,
     preview_request_key,
     training_job_name,
@@ -266,7 +267,7 @@ class PipelineTasks:
             resolution=job.preview.resolution,
             seed=job.preview.seed,
             clip_skip=job.preview.clip_skip,
-            output_s3_prefix=s3_uri(self._bucket, f"jobs/{job.job_id}/previews/"),
+            output_s3_prefix=s3_uri(self._bucket, f"{job_prefix(job.job_id)}previews/"),
             cancel_s3_uri=s3_uri(self._bucket, preview_cancel_key(inference)),
         )
         # The token is stored before invoking, so the callback always finds it.

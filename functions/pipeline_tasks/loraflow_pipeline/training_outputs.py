@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from loraflow_shared.contracts import TrainingReport
 from loraflow_shared.errors import Problem
-from loraflow_shared.jobs.model import TrainingSummary
+from loraflow_shared.jobs.model import TrainingSummary, job_prefix
 from loraflow_shared.s3 import s3_uri
 
 LORA_FILENAME = "pytorch_lora_weights.safetensors"
@@ -30,8 +30,8 @@ class OutputLocations:
     @classmethod
     def for_job(cls, bucket: str, job_id: str) -> OutputLocations:
         return cls(
-            lora_prefix=s3_uri(bucket, f"jobs/{job_id}/lora/"),
-            report_uri=s3_uri(bucket, f"jobs/{job_id}/{REPORT_FILENAME}"),
+            lora_prefix=s3_uri(bucket, f"{job_prefix(job_id)}lora/"),
+            report_uri=s3_uri(bucket, job_prefix(job_id) + REPORT_FILENAME),
         )
 
     @property

@@ -128,7 +128,10 @@ def fit_denoiser(
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     snr = compute_snr(noise_scheduler, torch.arange(noise_scheduler.config.num_train_timesteps))
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
-    weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / (snr + 1 if v_prediction else snr)  # Min-SNR-5
+    if v_prediction:  # x0-space weight min(snr + 1, gamma + 1): the noisiest steps, where layout is decided, count
+        weights = torch.clamp(snr + 1, max=MIN_SNR_GAMMA + 1) / (snr + 1)
+    else:
+        weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr  # Min-SNR-5
     unet, text_encoder = pipe.unet, pipe.text_encoder
     averaged = copy.deepcopy(pipe)
     optimiser = torch.optim.AdamW(
