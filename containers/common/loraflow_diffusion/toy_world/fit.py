@@ -127,11 +127,7 @@ def fit_denoiser(
     empty = _token_ids(pipe, [""])
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     snr = compute_snr(noise_scheduler, torch.arange(noise_scheduler.config.num_train_timesteps))
-    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
-    if v_prediction:  # x0-space weight min(snr + 1, gamma + 1): the noisiest steps, where layout is decided, count
-        weights = torch.clamp(snr + 1, max=MIN_SNR_GAMMA + 1) / (snr + 1)
-    else:
-        weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr  # Min-SNR-5
+    weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr  # Min-SNR-5, epsilon prediction
     unet, text_encoder = pipe.unet, pipe.text_encoder
     averaged = copy.deepcopy(pipe)
     optimiser = torch.optim.AdamW(
@@ -154,8 +150,7 @@ def fit_denoiser(
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
         hidden = text_encoder(batch_ids)[0]
         prediction = unet(noisy, timesteps, hidden).sample
-        target = noise_scheduler.get_velocity(clean, noise, timesteps) if v_prediction else noise
-        loss = ((prediction - target).pow(2).mean(dim=(1, 2, 3)) * weights[timesteps]).mean()
+        loss = ((prediction - noise).pow(2).mean(dim=(1, 2, 3)) * weights[timesteps]).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text_encoder.parameters()], 1.0)
         optimiser.step()
