@@ -94,7 +94,7 @@ def _request(model: Path, lora_uri: str, job: int) -> PreviewRequest:
 
 def _upload_lora(s3: Any, model: Path, root: Path, index: int) -> str:
     """A random LoRA in diffusers' format on the UNet's attention (the format a job's trainer writes)."""
-    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
     torch.manual_seed(index)
     pipe.unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     layers = get_peft_model_state_dict(pipe.unet)

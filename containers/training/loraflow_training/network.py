@@ -49,9 +49,14 @@ def trains_convolutions(family: ModelFamily, config: TrainingConfig) -> bool:
 
 
 def denoiser_targets(family: ModelFamily, config: TrainingConfig) -> tuple[str, ...]:
+    return (*family.denoiser_target_modules, *_conv_targets(family, config))
+
+
+def _conv_targets(family: ModelFamily, config: TrainingConfig) -> tuple[str, ...]:
+    """LoCon's targets: the 3x3 convolutions (at conv_dim) and their blocks' other layers (network_dim)."""
     if not trains_convolutions(family, config):
-        return family.denoiser_target_modules
-    return (*family.denoiser_target_modules, *family.conv_target_modules, *family.conv_block_modules)
+        return ()
+    return (*family.conv_target_modules, *family.conv_block_modules)
 
 
 def trained_modules(pipe: DiffusionPipeline, family: ModelFamily, train_text: bool) -> dict[str, Any]:
@@ -72,8 +77,9 @@ def add_lora(pipe: DiffusionPipeline, family: ModelFamily, config: TrainingConfi
         getattr(pipe, name).requires_grad_(False)
     for name, module in trained_modules(pipe, family, train_text).items():
         if name == family.denoiser_name:
-            convs = family.conv_target_modules if trains_convolutions(family, config) else ()
-            adapter = lora_config(config, denoiser_targets(family, config), convs)
+            targets = denoiser_targets(family, config)
+            convs = tuple(name for name in family.conv_target_modules if name in targets)
+            adapter = lora_config(config, targets, convs)
         else:
             adapter = lora_config(config, family.text_encoder_target_modules)
         module.add_adapter(adapter)

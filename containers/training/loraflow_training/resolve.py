@@ -13,6 +13,7 @@ from loraflow_shared.dataset.config import Optimizer as OptimizerName
 from loraflow_shared.dataset.config import TrainingConfig
 
 from loraflow_training.data import TrainingData
+from loraflow_training.network import trains_convolutions
 from loraflow_training.optim import resolve_optimizer
 from loraflow_training.train import DEFAULT_CHECKPOINT_SECONDS, DEFAULT_CHECKPOINT_STEPS, RunSettings
 
@@ -79,7 +80,7 @@ def _ignored_for_family(config: TrainingConfig, family: ModelFamily) -> list[str
         if key == "clip_skip" and config.sdxl is not None:
             continue  # `sdxl = true` with clip_skip: validation reported it already
         notes.append(f"{key}: does not apply to {family.description}; ignored")
-    if config.network_args.conv_dim is not None and not family.conv_target_modules:
+    if config.network_args.conv_dim is not None and not trains_convolutions(family, config):
         notes.append(f"network_args conv_dim: {family.description} has no convolutions to adapt; ignored")
     return notes
 

@@ -15,7 +15,6 @@ def test_given_conv_dim_and_alpha_when_parsed_then_honoured_and_recorded_as_kohy
 
     args = parsed.config.network_args
     assert (args.conv_dim, args.conv_scale_alpha) == (8, 4.0)
-    assert args.as_kohya() == {"conv_dim": "8", "conv_alpha": "4.0"}
     assert parsed.ignored_keys == []
 
 
@@ -28,15 +27,15 @@ def test_given_conv_dim_alone_when_parsed_then_kohyas_conv_alpha_of_1() -> None:
 def test_given_no_network_args_when_parsed_then_no_convolutions_and_nothing_recorded() -> None:
     args = parse("network_dim = 4").config.network_args
 
-    assert args.conv_dim is None
-    assert args.as_kohya() == {}
+    assert (args.conv_dim, args.ignored) == (None, [])
 
 
 def test_given_arguments_loraflow_does_not_use_when_parsed_then_each_reported_as_ignored() -> None:
     parsed = parse('network_args = ["conv_dim=4", "algo=lokr", "dropout=0.1"]')
 
     assert parsed.ignored_keys == ["network_args algo", "network_args dropout"]
-    assert parsed.config.network_args.as_kohya() == {"conv_dim": "4", "conv_alpha": "1.0"}
+    args = parsed.config.network_args
+    assert (args.conv_dim, args.conv_scale_alpha) == (4, 1.0)
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,7 @@ def untrained_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 def load_toy_base(dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """The committed, fitted base."""
-    return StableDiffusionPipeline.from_pretrained(WEIGHTS_DIR, torch_dtype=dtype)
+    return StableDiffusionPipeline.from_pretrained(WEIGHTS_DIR, dtype=dtype)
 
 
 def copy_toy_base(path: Path) -> Path:

@@ -104,12 +104,6 @@ class NetworkArgs(BaseModel):
     def ignored(self) -> list[str]:
         return sorted(self.model_extra or {})
 
-    def as_kohya(self) -> dict[str, str]:
-        """The arguments applied, as sd-scripts records them (`ss_network_args`, strings); {} for none."""
-        if self.conv_dim is None:
-            return {}
-        return {"conv_dim": str(self.conv_dim), "conv_alpha": str(self.conv_scale_alpha)}
-
 
 # Every family `loraflow_diffusion.families` specifies (a test keeps the two lists equal).
 ModelFamilyName = Literal["sd15", "sdxl", "flux1", "flux2_klein", "qwen_image", "z_image"]
