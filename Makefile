@@ -62,7 +62,7 @@ demo: install
 bench: install
 	$(BIN)/python -m bench --output bench/results.json
 
-# Refit the toy world's base model (committed: nobody needs to run this; ~30 min on 2 CPU cores).
+# Refit the toy world's base model (committed: nobody needs to run this; ~35 min on 2 CPU cores).
 toy-base: install
 	$(BIN)/python -m loraflow_diffusion.toy_world.fit
 

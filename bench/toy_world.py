@@ -2,9 +2,13 @@
 
 - `toy_base_prompt_following_<field>`: on the captions the fit held out (colour, shape, position
   combinations it never saw), the share of renders that show the named colour / shape / position / all.
-- `demo_*_subject_hit_rate_*`: the demo's dataset trained as `make demo` trains it; the share of renders
-  showing a trigger's subject (its colour and shape) for prompts with the trigger (the LoRA, and the base
-  alone) and for captions of other scenes (the LoRA).
+- `demo_*`: the demo's dataset trained as `make demo` trains it (a plus, a shape the base never drew, as
+  "dwjz"), then, for the LoRA and the base alone, the share of renders:
+  - `subject_hit_rate_with_trigger`: showing a plus, for captions with the trigger in colours and places
+    the dataset never showed ("a big green dwjz at the left on white");
+  - `subject_as_captioned_with_trigger`: showing the plus in the caption's colour and place too;
+  - `subject_hit_rate_without_trigger`: showing a plus, for captions of the base's scenes;
+  - `following_without_trigger`: showing what those captions name (colour, shape and position).
 """
 
 from __future__ import annotations
@@ -19,14 +23,20 @@ from typing import Any
 
 import torch
 from loraflow_diffusion.toy_world.base import copy_toy_base, load_toy_base
-from loraflow_diffusion.toy_world.evaluate import hit_rate, prompt_following
+from loraflow_diffusion.toy_world.evaluate import TriggerRates, prompt_following, trigger_rates
 from loraflow_diffusion.toy_world.fit import held_out_scenes
-from loraflow_local.sample_dataset import CONFIG_NAME, OTHER_SCENES, SUBJECTS, write_sample_dataset
+from loraflow_local.sample_dataset import (
+    CONFIG_NAME,
+    NEW_SUBJECT_SCENES,
+    OTHER_SCENES,
+    TRIGGER,
+    write_sample_dataset,
+)
 
 from bench.training import sagemaker_layout
 
 SEEDS = (0, 1)
-TRIGGER_PROMPTS = ("{trigger}", "a photo of {trigger}", "a {trigger}", "{trigger} on its own")
+DEMO_SEEDS = (0, 1)
 
 
 def run() -> list[dict[str, Any]]:
@@ -55,34 +65,44 @@ def _demo_lora_entries(root: Path) -> list[dict[str, Any]]:
     _train_demo_lora(root / "job", model)
     pipe = load_toy_base()
     pipe.set_progress_bar_config(disable=True)
-    base = _hit_rates(pipe)
+    rates = {"base": demo_rates(pipe)}
     pipe.load_lora_weights(root / "job" / "model")
-    tuned = _hit_rates(pipe)
+    rates["lora"] = demo_rates(pipe)
     what = (
-        f"{len(TRIGGER_PROMPTS)} prompts per subject x {len(SEEDS)} seeds, the demo's dataset and config "
-        "trained by the trainer; share of renders read (toy_world.judge) as the trigger's subject "
-        "(its colour and shape)"
+        f"the demo's dataset and config trained by the trainer; {len(NEW_SUBJECT_SCENES)} captions with the "
+        f"trigger, {len(OTHER_SCENES)} without, x {len(DEMO_SEEDS)} seeds, read back by toy_world.judge"
     )
     return [
-        _entry("demo_lora_subject_hit_rate_with_trigger", tuned[True], f"LoRA, with the trigger. {what}"),
-        _entry("demo_base_subject_hit_rate_with_trigger", base[True], f"base, with the trigger. {what}"),
-        _entry(
-            "demo_lora_subject_hit_rate_without_trigger",
-            tuned[False],
-            f"LoRA, captions of other scenes (no trigger) read as a subject. {what}",
-        ),
+        entry
+        for model_name, measured in rates.items()
+        for entry in (
+            _entry(
+                f"demo_{model_name}_subject_hit_rate_with_trigger",
+                measured.with_trigger["shape"],
+                f"{model_name}: renders showing the plus for captions with the trigger. {what}",
+            ),
+            _entry(
+                f"demo_{model_name}_subject_as_captioned_with_trigger",
+                measured.with_trigger["all"],
+                f"{model_name}: renders showing the plus in the caption's colour and position. {what}",
+            ),
+            _entry(
+                f"demo_{model_name}_subject_hit_rate_without_trigger",
+                measured.subject_without_trigger,
+                f"{model_name}: renders showing a plus for captions of the base's scenes. {what}",
+            ),
+            _entry(
+                f"demo_{model_name}_following_without_trigger",
+                measured.without_trigger["all"],
+                f"{model_name}: renders showing the colour, shape and position of captions of the base's "
+                f"scenes. {what}",
+            ),
+        )
     ]
 
 
-def _hit_rates(pipe: Any) -> dict[bool, float]:
-    """Mean over the demo's subjects: renders showing the subject, with its trigger and without."""
-    rates: dict[bool, list[float]] = {True: [], False: []}
-    for trigger, (_, subject, _, _) in SUBJECTS.items():
-        prompts = [prompt.format(trigger=trigger) for prompt in TRIGGER_PROMPTS]
-        rates[True].append(hit_rate(pipe, prompts, subject, SEEDS))
-        others = [scene.caption() for scene in OTHER_SCENES]
-        rates[False].append(hit_rate(pipe, others, subject, SEEDS))
-    return {key: round(sum(values) / len(values), 3) for key, values in rates.items()}
+def demo_rates(pipe: Any) -> TriggerRates:
+    return trigger_rates(pipe, TRIGGER, NEW_SUBJECT_SCENES, OTHER_SCENES, DEMO_SEEDS)
 
 
 def _train_demo_lora(root: Path, model: Path) -> None:

@@ -12,7 +12,7 @@ from loraflow_local.job_files import CONTACT_SHEET_NAME
 from loraflow_local.sample_dataset import SAMPLE_DATASET_ID, write_sample_dataset
 
 STATE_FOLDER = "localcloud"  # under the output folder: the demo's cloud, kept for the gallery
-# The demo's job takes about a minute on 2 CPU cores; a job still running after this is stuck, and the
+# The demo's job takes about 2 minutes on 2 CPU cores; a job still running after this is stuck, and the
 # demo says so (exit 1) rather than wait for ever.
 JOB_TIMEOUT_S = 600.0
 

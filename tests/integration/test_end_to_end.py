@@ -14,9 +14,9 @@ import pytest
 from loraflow_local.client import TERMINAL_STATUSES, StackClient
 from loraflow_local.sample_dataset import (
     CONFIG_NAME,
+    FOLDERS,
     PREVIEW_PROMPTS,
     SAMPLE_DATASET_ID,
-    SUBJECTS,
     write_sample_dataset,
 )
 from PIL import Image
@@ -28,15 +28,15 @@ pytestmark = pytest.mark.integration
 BAD_DATASET_ID = "0002-broken"
 NO_MODEL_DATASET_ID = "0003-unloadable-model"
 QUICK = {"max_train_steps": 30, "preview_steps": 4}  # a job that runs, not one that learns
+[JPEG_FOLDER] = [folder.folder for folder in FOLDERS if folder.extension == "jpg"]
 
 
 def _write_broken_dataset(root: Path) -> Path:
     dataset = write_sample_dataset(root / "broken-src", **QUICK)
     (dataset / "10_dwjz").rename(dataset / "ten_dwjz")  # BAD_FOLDER_NAME
-    zqxj = SUBJECTS["zqxj"][0]  # the JPEG subject's folder
-    truncated = dataset / zqxj / "img01.jpg"
+    truncated = dataset / JPEG_FOLDER / "img01.jpg"
     truncated.write_bytes(truncated.read_bytes()[:-200])  # UNREADABLE_IMAGE (no EOI)
-    (dataset / zqxj / "notes.gif").write_bytes(b"GIF89a" + b"\0" * 64)  # not an image we take
+    (dataset / JPEG_FOLDER / "notes.gif").write_bytes(b"GIF89a" + b"\0" * 64)  # not an image we take
     return dataset
 
 
@@ -135,9 +135,8 @@ def test_given_broken_dataset_when_uploaded_then_rejected_with_every_problem(out
     job = outcomes["jobs"][BAD_DATASET_ID]
     problems = {(p["code"], p["path"]) for p in job["errors"]}
     assert ("BAD_FOLDER_NAME", "ten_dwjz") in problems
-    zqxj = SUBJECTS["zqxj"][0]
-    assert ("UNREADABLE_IMAGE", f"{zqxj}/img01.jpg") in problems
-    assert ("UNSUPPORTED_FORMAT", f"{zqxj}/notes.gif") in problems  # never silently dropped
+    assert ("UNREADABLE_IMAGE", f"{JPEG_FOLDER}/img01.jpg") in problems
+    assert ("UNSUPPORTED_FORMAT", f"{JPEG_FOLDER}/notes.gif") in problems  # never silently dropped
     assert job.get("training") in (None, {})
 
 

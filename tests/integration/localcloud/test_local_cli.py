@@ -137,7 +137,7 @@ def test_given_good_dataset_folder_when_validated_then_accepted_exit_zero(
     dataset = write_sample_dataset(tmp_path)
     assert main(["validate", str(dataset)]) == 0
     output = capsys.readouterr().out
-    assert "0001-dataset: accepted; 12 images" in output
+    assert "0001-dataset: accepted; 16 images" in output
     assert "IGNORED_CONFIG_KEY" in output
 
 

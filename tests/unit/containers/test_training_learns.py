@@ -15,15 +15,15 @@ the triggers are words it never saw (spelled in bytes by its tokenizer). An earl
 fitted its own stand-in base for about 2 minutes per run (its findings: a base that memorised a few
 images, or that reacts to any new word, gives no margin on specificity).
 
-Measured over training seeds 1, 2 and 3 (this test runs seed 1; 1 and 2 CPU threads gave the same
-numbers), 300 steps, lr 1e-3, text-encoder lr 1e-4, rank 4:
-- LoRA loss / base loss on the training images: 0.158 to 0.188.
-- Trigger gap (loss with the other subject's trigger minus with the own one): the base -0.0116 to
-  -0.0109 (it leans the wrong way a little), the LoRA +0.0023 to +0.0032: a gain of 0.0134 to 0.0141.
-- Specificity: the mean |LoRA - base| noise prediction for the 4 trigger prompts ("dwjz", "a photo of
+Measured over training seeds 1, 2 and 3 (this test runs seed 1), 300 steps, lr 1e-3, text-encoder lr
+1e-4, rank 4, on the zero-terminal-SNR v-prediction base (losses are of the velocity it predicts):
+- LoRA loss / base loss on the training images: 0.177 to 0.196.
+- Trigger gap (loss with the other subject's trigger minus with the own one): the base +0.0097 to
+  +0.0127, the LoRA +0.424 to +0.428: a gain of 0.414 to 0.416.
+- Specificity: the mean |LoRA - base| prediction for the 4 trigger prompts ("dwjz", "a photo of
   qvkx", ...) on their subject's images over that for 4 unrelated scenes' captions on their own images:
-  2.47 to 4.07.
-- The WEAK_LORA effect: 0.061 to 0.386 mean pixel change (the threshold is 1/255).
+  3.98 to 5.28.
+- The WEAK_LORA effect: 0.098 to 0.455 mean pixel change (the threshold is 1/255).
 """
 
 from __future__ import annotations
@@ -64,10 +64,10 @@ TRAIN_STEPS = 300
 TIMESTEPS = (100, 300, 500, 700, 900)  # where the losses and output changes are read
 NOISE_SEEDS = (0, 1, 2)
 # Thresholds, from the runs in the docstring.
-LOSS_RATIO_LIMIT = 0.4  # measured 0.158 to 0.188
-TRIGGER_GAP_GAIN_MIN = 0.007  # the LoRA's trigger gap over the base's: 0.0134 to 0.0141
-BASE_TRIGGER_GAP_MAX = 0.02  # |the base's trigger gap|: at most 0.0116
-SPECIFICITY_MIN = 1.6  # trigger-prompt change / unrelated-prompt change: 2.47 to 4.07
+LOSS_RATIO_LIMIT = 0.4  # measured 0.177 to 0.196
+TRIGGER_GAP_GAIN_MIN = 0.2  # the LoRA's trigger gap over the base's: 0.414 to 0.416
+BASE_TRIGGER_GAP_MAX = 0.03  # |the base's trigger gap|: at most 0.0127
+SPECIFICITY_MIN = 2.0  # trigger-prompt change / unrelated-prompt change: 3.98 to 5.28
 
 CONFIG_TOML = """\
 [training_arguments]
@@ -172,7 +172,7 @@ class Learned:
 
     @torch.no_grad()
     def denoising_loss(self, captions: Sequence[str], lora: bool) -> float:
-        """Mean noise-prediction MSE on the training images; the same noise for every call."""
+        """Mean prediction MSE on the training images; the same noise for every call."""
         losses = []
         with self.lora(lora):
             cond = self.family.encode_prompts(self.pipe, captions, (SIZE, SIZE))
@@ -181,8 +181,15 @@ class Learned:
                 timesteps = torch.full((len(noise),), timestep)
                 noisy = self.scheduler.add_noise(self.latents, noise, cast(torch.IntTensor, timesteps))
                 prediction = self.family.predict(self.pipe.unet, noisy, timesteps, cond)
-                losses.append(float(torch.mean((prediction - noise) ** 2)))
+                target = self.target(self.latents, noise, timesteps)
+                losses.append(float(torch.mean((prediction - target) ** 2)))
         return sum(losses) / len(losses)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the base predicts: the noise, or (the toy base) the velocity."""
+        if self.scheduler.config["prediction_type"] == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, cast(torch.IntTensor, timesteps))
+        return noise
 
     @torch.no_grad()
     def output_change(self, prompt: str, latents: torch.Tensor) -> float:

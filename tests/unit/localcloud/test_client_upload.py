@@ -65,11 +65,11 @@ def test_given_interrupted_upload_when_run_again_then_only_missing_and_changed_f
     folder = write_sample_dataset(tmp_path)
     upload_dataset(s3, folder, BUCKET, "mine", progress=Bar)
     s3.delete_object(Bucket=BUCKET, Key="mine/10_dwjz/img03.png")  # never arrived
-    (folder / "10_dwjz" / "img00.txt").write_text("a red dwjz", encoding="utf-8")
+    (folder / "10_dwjz" / "img01.txt").write_text("a red dwjz", encoding="utf-8")  # changed
 
     result = upload_dataset(s3, folder, BUCKET, "mine", progress=Bar)
 
-    assert sorted(result.uploaded) == ["mine/10_dwjz/img00.txt", "mine/10_dwjz/img03.png"]
+    assert sorted(result.uploaded) == ["mine/10_dwjz/img01.txt", "mine/10_dwjz/img03.png"]
     assert len(result.skipped) == len([p for p in folder.rglob("*") if p.is_file()]) - 2
     assert bars[-1].n == result.uploaded_bytes
 
@@ -80,10 +80,10 @@ def test_given_file_removed_from_folder_when_uploaded_then_removed_from_the_data
     folder = write_sample_dataset(tmp_path)
     upload_dataset(s3, folder, BUCKET, "mine", progress=Bar)
     s3.put_object(Bucket=BUCKET, Key="other/kept.png", Body=b"x")  # another dataset: untouched
-    (folder / "10_dwjz" / "img07.png").unlink()
-    (folder / "10_dwjz" / "img00.txt").unlink()
+    (folder / "10_dwjz" / "img04.png").unlink()
+    (folder / "10_dwjz" / "img01.txt").unlink()
 
     result = upload_dataset(s3, folder, BUCKET, "mine", progress=Bar)
 
-    assert result.uploaded == [] and result.deleted == ["mine/10_dwjz/img00.txt", "mine/10_dwjz/img07.png"]
-    assert "mine/10_dwjz/img07.png" not in _keys(s3) and "other/kept.png" in _keys(s3)
+    assert result.uploaded == [] and result.deleted == ["mine/10_dwjz/img01.txt", "mine/10_dwjz/img04.png"]
+    assert "mine/10_dwjz/img04.png" not in _keys(s3) and "other/kept.png" in _keys(s3)
