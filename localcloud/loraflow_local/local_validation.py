@@ -26,8 +26,11 @@ def print_report(report: ValidationReport, say: Callable[[str], None] = print) -
     subsets = (
         ", ".join(f"{s.folder} ({s.image_count} images x {s.repeats})" for s in report.subsets) or "none"
     )
+    # The image count includes regularization images: name their folders too, so the sum adds up.
+    reg = ", ".join(f"{s.folder} ({s.image_count} images)" for s in report.reg_subsets)
     verdict = "accepted" if report.accepted else "rejected"
     say(
         f"{report.dataset}: {verdict}; {report.image_count} images; subsets: {subsets}; "
-        f"config: {report.config_file or 'none'}"
+        + (f"regularization: {reg}; " if reg else "")
+        + f"config: {report.config_file or 'none'}"
     )
