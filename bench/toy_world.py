@@ -27,6 +27,7 @@ from loraflow_diffusion.toy_world.evaluate import TriggerRates, prompt_following
 from loraflow_diffusion.toy_world.fit import held_out_scenes
 from loraflow_local.sample_dataset import (
     CONFIG_NAME,
+    MEASURE_SEEDS,
     NEW_SUBJECT_SCENES,
     OTHER_SCENES,
     TRIGGER,
@@ -36,7 +37,6 @@ from loraflow_local.sample_dataset import (
 from bench.training import sagemaker_layout
 
 SEEDS = (0, 1)
-DEMO_SEEDS = (0, 1)
 
 
 def run() -> list[dict[str, Any]]:
@@ -70,7 +70,7 @@ def _demo_lora_entries(root: Path) -> list[dict[str, Any]]:
     rates["lora"] = demo_rates(pipe)
     what = (
         f"the demo's dataset and config trained by the trainer; {len(NEW_SUBJECT_SCENES)} captions with the "
-        f"trigger, {len(OTHER_SCENES)} without, x {len(DEMO_SEEDS)} seeds, read back by toy_world.judge"
+        f"trigger, {len(OTHER_SCENES)} without, x {len(MEASURE_SEEDS)} seeds, read back by toy_world.judge"
     )
     return [
         entry
@@ -102,7 +102,7 @@ def _demo_lora_entries(root: Path) -> list[dict[str, Any]]:
 
 
 def demo_rates(pipe: Any) -> TriggerRates:
-    return trigger_rates(pipe, TRIGGER, NEW_SUBJECT_SCENES, OTHER_SCENES, DEMO_SEEDS)
+    return trigger_rates(pipe, TRIGGER, NEW_SUBJECT_SCENES, OTHER_SCENES, MEASURE_SEEDS)
 
 
 def _train_demo_lora(root: Path, model: Path) -> None:

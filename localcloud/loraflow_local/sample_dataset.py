@@ -96,6 +96,7 @@ NEW_SUBJECT_SCENES = tuple(
     for background in BACKGROUNDS
 )
 OTHER_SCENES = tuple(all_scenes())[::8]
+MEASURE_SEEDS = (0, 1)
 PREVIEW_PROMPTS = (
     TRIGGER,
     FOLDERS[0].caption(FOLDERS[0].scenes[1]),  # as trained

@@ -90,11 +90,16 @@ def make_sagemaker_dirs(root: Path, base_model: str, dataset_seed: int = 0) -> S
         root / "model",
         root / "output",
     )
+    write_hyperparameters(root, CONFIG_FILE, base_model, "job-1")
+    return dirs
+
+
+def write_hyperparameters(root: Path, config_file: str, base_model: str, job_id: str) -> None:
+    """The job's `input/config/hyperparameters.json`, as the pipeline's training task sets them."""
     config_dir = root / "input" / "config"
     config_dir.mkdir(parents=True)
-    hyperparameters = {"config_file": CONFIG_FILE, "base_model": base_model, "job_id": "job-1"}
+    hyperparameters = {"config_file": config_file, "base_model": base_model, "job_id": job_id}
     (config_dir / "hyperparameters.json").write_text(json.dumps(hyperparameters), encoding="utf-8")
-    return dirs
 
 
 @dataclass(frozen=True)

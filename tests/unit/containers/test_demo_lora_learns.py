@@ -8,14 +8,13 @@ Thresholds from measured runs (bench/results.json's demo_* entries, the same tra
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from diffusion_kit import SageMakerDirs
+from diffusion_kit import SageMakerDirs, write_hyperparameters
 from loraflow_diffusion.toy_world.base import copy_toy_base, load_toy_base
 from loraflow_diffusion.toy_world.evaluate import TriggerRates, trigger_rates
 from loraflow_local.sample_dataset import (
     CONFIG_NAME,
+    MEASURE_SEEDS,
     NEW_SUBJECT_SCENES,
     OTHER_SCENES,
     TRIGGER,
@@ -24,7 +23,6 @@ from loraflow_local.sample_dataset import (
 
 pytestmark = pytest.mark.slow  # trains a LoRA and renders
 
-SEEDS = (0, 1)
 # Measured in two runs (1 and 2 CPU threads): 0.49, 0.50 (a plus in the caption's colour and place too:
 # 0.29, 0.30); the base 0.0.
 LORA_SUBJECT_MIN = 0.3  # renders showing a plus for captions with the trigger
@@ -40,19 +38,16 @@ def rates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TriggerRates]:
     root = tmp_path_factory.mktemp("demo-lora")
     dirs = SageMakerDirs(root, write_sample_dataset(root / "input" / "data"), root / "model", root / "output")
     base = copy_toy_base(root / "base")
-    config_dir = root / "input" / "config"
-    config_dir.mkdir(parents=True)
-    hyperparameters = {"config_file": CONFIG_NAME, "base_model": str(base), "job_id": "demo-learns"}
-    (config_dir / "hyperparameters.json").write_text(json.dumps(hyperparameters), encoding="utf-8")
+    write_hyperparameters(root, CONFIG_NAME, str(base), "demo-learns")
     with pytest.MonkeyPatch.context() as monkeypatch:
         for name, value in dirs.env().items():
             monkeypatch.setenv(name, value)
         assert main(["train"]) == 0, dirs.failure
     pipe = load_toy_base()
     pipe.set_progress_bar_config(disable=True)
-    measured = {"base": trigger_rates(pipe, TRIGGER, NEW_SUBJECT_SCENES, OTHER_SCENES, SEEDS)}
+    measured = {"base": trigger_rates(pipe, TRIGGER, NEW_SUBJECT_SCENES, OTHER_SCENES, MEASURE_SEEDS)}
     pipe.load_lora_weights(dirs.model)
-    measured["lora"] = trigger_rates(pipe, TRIGGER, NEW_SUBJECT_SCENES, OTHER_SCENES, SEEDS)
+    measured["lora"] = trigger_rates(pipe, TRIGGER, NEW_SUBJECT_SCENES, OTHER_SCENES, MEASURE_SEEDS)
     return measured
 
 

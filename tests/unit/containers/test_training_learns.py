@@ -40,7 +40,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
-from diffusion_kit import CONFIG_FILE, SageMakerDirs
+from diffusion_kit import CONFIG_FILE, SageMakerDirs, write_hyperparameters
 from loraflow_diffusion.families import ModelFamily, SupportedPipeline, family_of
 from loraflow_diffusion.models import load_pipeline
 from loraflow_diffusion.toy_world.base import copy_toy_base
@@ -125,10 +125,7 @@ def train_lora(root: Path, base: Path, seed: int, monkeypatch: pytest.MonkeyPatc
 
     dirs = SageMakerDirs(root, root / "input" / "data" / "dataset", root / "model", root / "output")
     write_subject_dataset(dirs.dataset, seed)
-    config_dir = root / "input" / "config"
-    config_dir.mkdir(parents=True)
-    hyperparameters = {"config_file": CONFIG_FILE, "base_model": str(base), "job_id": "learns"}
-    (config_dir / "hyperparameters.json").write_text(json.dumps(hyperparameters), encoding="utf-8")
+    write_hyperparameters(root, CONFIG_FILE, str(base), "learns")
     for name, value in dirs.env().items():
         monkeypatch.setenv(name, value)
     exit_code = main(["train"])
